@@ -1,0 +1,366 @@
+"""protocol.py: every name, code and byte that crosses a wire in this project.
+
+    IDE ⇄ gateway        JSON-RPC 2.0 over WebSocket, one JSON object per text frame
+    gateway → agent      HTTP + Server-Sent Events (event: token | tool_call | final | error)
+    agent → llm_proxy    OpenAI Chat Completions, streamed as `data: <json>` … `data: [DONE]`
+
+The services import from here and spell nothing themselves: a port to another stack starts by
+porting this file. It holds:
+
+1. message names, error codes and the tool table (loaded from tools_spec.json);
+2. JSON-RPC 2.0 framing: building messages and checking incoming frames at the edge;
+3. the hand-rolled SSE encoder and an incremental SSE parser (WHATWG HTML, "Server-sent events",
+   section 9.2.6 "Interpreting an event stream");
+4. EventStreamResponse, a Starlette streaming response that always closes its generator.
+
+Left out on purpose: batch JSON-RPC requests (an IDE has no use for them; a batch frame gets
+-32600), SSE `retry:` (our clients do not reconnect on their own), and any schema library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+# ---------------------------------------------------------------------------------------------
+# 1. Names and codes
+# ---------------------------------------------------------------------------------------------
+
+JSONRPC_VERSION = "2.0"
+
+# IDE -> gateway methods
+USER_MESSAGE = "user_message"
+CANCEL = "cancel"
+
+# gateway -> IDE notifications; the same words name the agent's SSE events
+TOKEN = "token"
+FINAL = "final"
+ERROR = "error"
+TOOL_CALL = "tool_call"  # SSE only: the gateway turns it into a request named after the tool
+RUN_EVENTS = (TOKEN, TOOL_CALL, FINAL, ERROR)
+
+# final.status
+COMPLETED = "completed"
+CANCELLED = "cancelled"
+
+# JSON-RPC 2.0 error codes (spec section 5.1) and this project's server errors (-32000..-32099)
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+RUN_IN_PROGRESS = -32000  # a user_message arrived while this socket's run is still going
+NO_ACTIVE_RUN = -32001  # cancel named a run that is not running
+
+# WebSocket close code for a missing or wrong token (4000-4999 is the application range)
+WS_UNAUTHORIZED = 4401
+
+# `code` of an `error` notification: a short, stable word a program can branch on.
+ERR_LLM = "llm_error"  # the model's API answered with an error status
+ERR_LLM_UNAVAILABLE = "llm_unavailable"  # the LLM proxy could not be reached
+ERR_LLM_STREAM = "llm_stream_broken"  # the model's stream broke off or sent garbage
+ERR_AGENT_UNAVAILABLE = "agent_unavailable"  # the gateway could not reach the agent
+ERR_AGENT_STREAM = "agent_stream_broken"  # the agent's stream ended without final or error
+ERR_MAX_STEPS = "max_steps_exceeded"  # the model kept calling tools past AGENT_MAX_STEPS
+ERR_INTERNAL = "internal_error"  # a bug: the message says where to look
+
+# ---------------------------------------------------------------------------------------------
+# The tool table: tools_spec.json is the one source; the OpenAI name is derived from the IDE one.
+# ---------------------------------------------------------------------------------------------
+
+TOOLS_SPEC_PATH = Path(__file__).with_name("tools_spec.json")
+TOOLS_SPEC: dict[str, Any] = json.loads(TOOLS_SPEC_PATH.read_text(encoding="utf-8"))
+# {"error_codes": {name: int}, "tools": [{"method", "description", "parameters", "result", "errors"}]}
+TOOL_ERRORS: dict[str, int] = TOOLS_SPEC["error_codes"]
+TOOL_METHODS: tuple[str, ...] = tuple(tool["method"] for tool in TOOLS_SPEC["tools"])
+
+
+def openai_tool_name(method: str) -> str:
+    """`git.diff` -> `git_diff`: OpenAI function names must match ^[a-zA-Z0-9_-]{1,64}$."""
+    return method.replace(".", "_")
+
+
+OPENAI_TO_METHOD: dict[str, str] = {openai_tool_name(m): m for m in TOOL_METHODS}
+
+
+def openai_tools() -> list[dict[str, Any]]:
+    """The `tools` array of a Chat Completions request, built from tools_spec.json."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": openai_tool_name(tool["method"]),
+                "description": tool["description"],
+                "parameters": tool["parameters"],
+            },
+        }
+        for tool in TOOLS_SPEC["tools"]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. JSON-RPC 2.0
+# ---------------------------------------------------------------------------------------------
+
+JsonId = str | int | None
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON on one line: the form of every frame and every SSE data field here."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def request(id: JsonId, method: str, params: dict[str, Any]) -> str:
+    return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "method": method, "params": params})
+
+
+def notification(method: str, params: dict[str, Any]) -> str:
+    return dumps({"jsonrpc": JSONRPC_VERSION, "method": method, "params": params})
+
+
+def result(id: JsonId, value: Any) -> str:
+    return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "result": value})
+
+
+def error_object(code: int, message: str, data: Any = None) -> dict[str, Any]:
+    err: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        err["data"] = data
+    return err
+
+
+def error_response(id: JsonId, code: int, message: str, data: Any = None) -> str:
+    return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "error": error_object(code, message, data)})
+
+
+class RpcError(Exception):
+    """A frame we must answer with a JSON-RPC error; `id` is the request's, when we could read it."""
+
+    def __init__(self, code: int, message: str, id: JsonId = None, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.id = id
+        self.data = data
+
+    def response(self) -> str:
+        return error_response(self.id, self.code, self.message, self.data)
+
+
+@dataclass
+class Message:
+    """One checked incoming frame. kind is "request", "notification" or "response"."""
+
+    kind: str
+    id: JsonId = None
+    method: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    result: Any = None
+    error: dict[str, Any] | None = None  # {"code": int, "message": str, "data"?: any}
+
+
+def parse_message(text: str | bytes) -> Message:
+    """Check one frame against JSON-RPC 2.0; raise RpcError naming what was expected.
+
+    Also accepts the design document's literal frame {"type": "user_message", "content": str}
+    as a notification `user_message` (no id, so no result is sent back).
+    """
+    try:
+        obj = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RpcError(PARSE_ERROR, f"Parse error: frame is not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RpcError(INVALID_REQUEST, f"Invalid Request: expected a JSON object, got {type(obj).__name__}")
+    if "jsonrpc" not in obj and obj.get("type") == USER_MESSAGE:  # the seed's frame
+        return Message("notification", method=USER_MESSAGE, params={"content": obj.get("content")})
+
+    id_ = obj.get("id")
+    if not (id_ is None or isinstance(id_, str | int)) or isinstance(id_, bool):
+        raise RpcError(INVALID_REQUEST, "Invalid Request: id must be a string, a number or null")
+    if obj.get("jsonrpc") != JSONRPC_VERSION:
+        raise RpcError(INVALID_REQUEST, f'Invalid Request: expected "jsonrpc": "2.0", got {obj.get("jsonrpc")!r}', id_)
+
+    if "method" in obj:
+        method = obj["method"]
+        if not isinstance(method, str) or not method:
+            raise RpcError(INVALID_REQUEST, "Invalid Request: method must be a non-empty string", id_)
+        params = obj.get("params", {})
+        if not isinstance(params, dict):
+            raise RpcError(INVALID_PARAMS, "Invalid params: expected a JSON object (by-name params)", id_)
+        return Message("request" if "id" in obj else "notification", id=id_, method=method, params=params)
+
+    if "result" in obj and "error" not in obj:
+        return Message("response", id=id_, result=obj["result"])
+    if "error" in obj and "result" not in obj:
+        err = obj["error"]
+        if not (isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("message"), str)):
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: error must be {"code": int, "message": str}', id_)
+        return Message("response", id=id_, error=err)
+    raise RpcError(INVALID_REQUEST, "Invalid Request: expected a method, or exactly one of result and error", id_)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Server-Sent Events
+# ---------------------------------------------------------------------------------------------
+
+# Fields are always written in this order: event, id, data. Data is one line of JSON in this
+# project, but the encoder still splits on newlines so that any text round-trips.
+HEARTBEAT = b": keep-alive\n\n"
+DONE_DATA = "[DONE]"  # OpenAI's end-of-stream sentinel
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_event(data: str, event: str | None = None, id: str | int | None = None) -> bytes:
+    """One SSE event as bytes on the wire: `event: E\\nid: N\\ndata: D\\n\\n`."""
+    head = ""
+    if event is not None:
+        head += f"event: {event}\n"
+    if id is not None:
+        head += f"id: {id}\n"
+    body = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (head + body + "\n").encode("utf-8")
+
+
+def encode_data(data: str) -> bytes:
+    """A bare `data:` event, the only kind OpenAI's chat stream uses."""
+    return b"data: " + data.encode("utf-8") + b"\n\n"
+
+
+@dataclass
+class SSEEvent:
+    event: str = "message"
+    data: str = ""
+    id: str | None = None
+
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+class SSEParser:
+    """Incremental parser: feed() the bytes of each network read, get back the complete events.
+
+    Implements https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-interpretation
+    one branch per field. `retry` is parsed and ignored (see the module docstring).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._first = True  # the BOM may only appear at the very start of the stream
+        self._after_cr = False  # a CR ended the last read: an LF opening the next one belongs to it
+        self._event = ""
+        self._data: list[str] = []
+        self._last_id: str | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = chunk.endswith(b"\r")
+        buffer = self._buffer + chunk
+        if self._first:
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):  # wait: may be a split BOM
+                self._buffer = buffer
+                return []
+            self._first = False
+            if buffer.startswith(_BOM):  # NOTE: per spec, one leading BOM is dropped
+                buffer = buffer[len(_BOM) :]
+        *lines, self._buffer = _LINE_END.split(buffer)
+        events: list[SSEEvent] = []
+        for raw in lines:
+            event = self._line(raw.decode("utf-8", errors="replace"))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _line(self, line: str) -> SSEEvent | None:
+        if not line:  # a blank line dispatches the event
+            return self._dispatch()
+        if line.startswith(":"):  # a comment (our heartbeat)
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):  # NOTE: per spec, only one leading space is stripped
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id":
+            if "\0" not in value:  # NOTE: per spec, an id holding NULL is ignored
+                self._last_id = value
+        # "retry" and unknown field names are ignored, per spec
+        return None
+
+    def _dispatch(self) -> SSEEvent | None:
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
+        if not data:  # NOTE: per spec, an event with no data field is dropped
+            return None
+        return SSEEvent(event=event or "message", data="\n".join(data), id=self._last_id)
+
+
+async def iter_sse(chunks: AsyncIterable[bytes]) -> AsyncIterator[list[SSEEvent]]:
+    """Yield the events completed by each network read, as one list per read.
+
+    A list, not one event at a time, so that a reader can coalesce what arrived together.
+    """
+    parser = SSEParser()
+    async for chunk in chunks:
+        events = parser.feed(chunk)
+        if events:
+            yield events
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. EventStreamResponse
+# ---------------------------------------------------------------------------------------------
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class EventStreamResponse(StreamingResponse):
+    """text/event-stream that closes its generator however the response ends.
+
+    Starlette cancels the sending task when the client disconnects; if that happens while the
+    generator is parked at a `yield`, the generator is left suspended and its `finally` (which
+    closes an upstream connection, or cancels a run) would wait for the garbage collector. The
+    explicit aclose() here runs it at once.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None) -> None:
+        super().__init__(content, headers={**SSE_HEADERS, **(headers or {})})
+        self._generator = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._generator.aclose()
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Where a generated gateway token is left for ide.py (the way Jupyter leaves its URL)
+# ---------------------------------------------------------------------------------------------
+
+
+def runtime_dir() -> Path:
+    """$GATEWAY_RUNTIME_DIR, else $XDG_RUNTIME_DIR/refagent, else ~/.cache/refagent."""
+    if os.environ.get("GATEWAY_RUNTIME_DIR"):
+        return Path(os.environ["GATEWAY_RUNTIME_DIR"])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "refagent"
+    return Path.home() / ".cache" / "refagent"
+
+
+def token_file(port: int) -> Path:
+    """The file (mode 0600) holding {"url", "token", "pid"} of the gateway listening on `port`."""
+    return runtime_dir() / f"gateway-{port}.json"
