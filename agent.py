@@ -1,0 +1,478 @@
+"""agent.py: the agent runtime, where the tool-calling loop lives.
+
+    IDE ⇄ gateway → [agent] → llm_proxy → LLM
+                      ↑ tool results come back from the IDE through the gateway
+
+Run:  python agent.py [--host 127.0.0.1] [--port 8001]     or  uvicorn agent:app --port 8001
+
+The gateway opens a run with `POST /v1/runs {"session_id", "content", "run_id"?}` and reads the
+answer as Server-Sent Events (token, tool_call, final, error). When the model calls a tool, the
+agent sends a `tool_call` event and waits for `POST /v1/runs/{run_id}/tool_results`; the IDE runs
+the tool on the user's machine. `POST /v1/runs/{run_id}/cancel` stops a run. The loop, top down:
+
+    run_turn(run)                    one user message -> exactly one final or error event
+      step(run, messages)            one model reply; True when the model is done
+        call_llm(run, messages)      stream the reply: text goes out as token events at once
+        run_tools(run, tool_calls)   tool_call events out, results (or errors) back as messages
+
+A failed tool (an IDE error, bad arguments, an unknown tool, a timeout) is data: it goes back to
+the model as the tool's message and the loop goes on. What ends a run is the RunEnded exception
+(or cancellation), which carries why.
+
+Left out: persistence (SessionStore is in memory; a Redis store would implement the same two
+methods), context-window trimming, retries (llm_proxy owns them), more than one run at a time
+per session (a second one gets 409).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol import (
+    CANCELLED,
+    COMPLETED,
+    DONE_DATA,
+    ERR_INTERNAL,
+    ERR_LLM,
+    ERR_LLM_STREAM,
+    ERR_LLM_UNAVAILABLE,
+    ERR_MAX_STEPS,
+    ERROR,
+    FINAL,
+    HEARTBEAT,
+    OPENAI_TO_METHOD,
+    TOKEN,
+    TOOL_CALL,
+    EventStreamResponse,
+    dumps,
+    encode_event,
+    iter_sse,
+    openai_tools,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+LLM_PROXY_URL = os.environ.get("LLM_PROXY_URL", "http://127.0.0.1:8002/v1")  # OpenAI-style base URL
+LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")  # sent as "model"; the fake accepts any
+TOOL_TIMEOUT_S = float(os.environ.get("TOOL_TIMEOUT_S", "300"))  # per tool batch; people review patches
+AGENT_MAX_STEPS = int(os.environ.get("AGENT_MAX_STEPS", "20"))  # model replies per user message
+HEARTBEAT_S = float(os.environ.get("AGENT_HEARTBEAT_S", "15"))  # idle time before a `:` comment
+LLM_CONNECT_TIMEOUT_S = float(os.environ.get("LLM_CONNECT_TIMEOUT_S", "5"))  # reaching llm_proxy
+LLM_READ_TIMEOUT_S = float(os.environ.get("LLM_READ_TIMEOUT_S", "300"))  # silence from llm_proxy
+
+SYSTEM_PROMPT = """You are a coding agent working inside the user's IDE. You cannot see their \
+files until you read them: use read_file before changing anything. Prefer apply_patch with a \
+small unified diff (diff --git a/PATH b/PATH, with a/ and b/ prefixes) over rewriting whole \
+files; use apply_patch_review when the user should approve each hunk, and prompt_user when you \
+need a decision. All paths are relative to the workspace root. When a tool returns an error, \
+read it and recover. Finish with a short summary of what you changed."""
+
+log = logging.getLogger("agent")
+
+# ---------------------------------------------------------------------------------------------
+# Sessions: the conversation history, behind an interface a Redis store could implement
+# ---------------------------------------------------------------------------------------------
+
+Messages = list[dict[str, Any]]  # OpenAI chat messages: {"role", "content", "tool_calls"?, ...}
+
+
+class SessionStore(Protocol):
+    async def load(self, session_id: str) -> Messages: ...
+    async def save(self, session_id: str, messages: Messages) -> None: ...
+
+
+class MemoryStore:
+    """History per session in a dict: gone when the process ends, which is fine for a POC."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, Messages] = {}
+
+    async def load(self, session_id: str) -> Messages:
+        return list(self._sessions.get(session_id, []))
+
+    async def save(self, session_id: str, messages: Messages) -> None:
+        self._sessions[session_id] = list(messages)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------------
+
+
+class RunEnded(Exception):
+    """Ends a run with an `error` event; `code` is one of protocol's ERR_* words."""
+
+    def __init__(self, code: str, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable = code, message, retryable
+
+
+@dataclass
+class Run:
+    id: str
+    session_id: str
+    content: str
+    events: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)  # SSE bytes; None ends
+    pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)  # call id -> answer
+    closed_calls: dict[str, str] = field(default_factory=dict)  # call id -> "answered" / "timed out"
+    seq: int = 0
+    usage: dict[str, int] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        self.seq += 1
+        self.events.put_nowait(encode_event(dumps(data), event=event, id=self.seq))
+
+
+@dataclass
+class Agent:
+    """What the handlers share: one HTTP client, the session store and the runs in flight."""
+
+    http: aiohttp.ClientSession
+    store: SessionStore
+    runs: dict[str, Run] = field(default_factory=dict)
+    busy_sessions: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ToolCallSpec:
+    id: str
+    name: str  # as the model wrote it, e.g. git_diff
+    arguments: str  # raw JSON text, parsed only in run_tools
+
+
+@dataclass
+class Reply:
+    text: str
+    tool_calls: list[ToolCallSpec]
+
+    def as_message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": self.text or None}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls
+            ]
+        return message
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+
+async def run_turn(agent: Agent, run: Run) -> None:
+    """Answer one user message; emit exactly one final or error event, whatever happens."""
+    started = time.monotonic()
+    messages = await agent.store.load(run.session_id)
+    messages.append({"role": "user", "content": run.content})
+    status = "?"
+    try:
+        for _ in range(AGENT_MAX_STEPS):
+            reply = await step(agent, run, messages)
+            if reply is not None:
+                status = COMPLETED
+                run.emit(FINAL, {"run_id": run.id, "status": COMPLETED, "content": reply, **usage_field(run)})
+                return
+        raise RunEnded(ERR_MAX_STEPS, f"Stopped after {AGENT_MAX_STEPS} model steps (AGENT_MAX_STEPS) without a final answer.", False)
+    except RunEnded as exc:
+        status = exc.code
+        run.emit(ERROR, {"run_id": run.id, "code": exc.code, "message": exc.message, "retryable": exc.retryable})
+    except asyncio.CancelledError:
+        status = CANCELLED
+        run.emit(FINAL, {"run_id": run.id, "status": CANCELLED, "content": "", **usage_field(run)})
+    except Exception as exc:  # a bug: still end the run cleanly, and leave the traceback in the log
+        status = ERR_INTERNAL
+        log.exception("run %s failed", run.id)
+        run.emit(ERROR, {"run_id": run.id, "code": ERR_INTERNAL, "message": f"Agent bug: {exc!r}", "retryable": False})
+    finally:
+        for future in run.pending.values():
+            future.cancel()
+        await agent.store.save(run.session_id, messages)
+        run.events.put_nowait(None)
+        log.info("run %s session %s: %s in %.0f ms", run.id, run.session_id, status, (time.monotonic() - started) * 1000)
+
+
+async def step(agent: Agent, run: Run, messages: Messages) -> str | None:
+    """One model reply. Returns its text when the model is done, None when it called tools."""
+    reply = await call_llm(agent, run, messages)
+    if not reply.tool_calls:
+        messages.append(reply.as_message())
+        return reply.text
+    results = await run_tools(run, reply.tool_calls)
+    # appended together, so history never holds a tool call without its result
+    messages.extend([reply.as_message(), *results])
+    return None
+
+
+async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
+    """Stream one completion; forward text the moment it arrives; assemble tool calls."""
+    body = {
+        "model": LLM_MODEL,
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT}, *messages],
+        "tools": openai_tools(),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    text: list[str] = []
+    calls: dict[int, ToolCallSpec] = {}  # by the chunk's tool_calls[].index
+    try:
+        async with agent.http.post(f"{LLM_PROXY_URL}/chat/completions", json=body) as response:
+            if response.status != 200:
+                raise RunEnded(ERR_LLM, await upstream_message(response), response.status in (408, 409, 429) or response.status >= 500)
+            async for chunks in completion_chunks(response):
+                # chunks that arrived in one read leave as one token event
+                delta_text = "".join(delta_of(chunk, calls, run) for chunk in chunks)
+                if delta_text:
+                    text.append(delta_text)
+                    run.emit(TOKEN, {"run_id": run.id, "text": delta_text})
+    except aiohttp.ClientConnectionError as exc:
+        if not text and isinstance(exc, aiohttp.ClientConnectorError):
+            raise RunEnded(ERR_LLM_UNAVAILABLE, f"Cannot reach the LLM proxy at {LLM_PROXY_URL}: {exc}", True) from None
+        raise RunEnded(ERR_LLM_STREAM, f"The LLM stream broke off: {exc}", True) from None
+    except TimeoutError:
+        raise RunEnded(ERR_LLM_STREAM, "The LLM proxy went silent (LLM_READ_TIMEOUT_S).", True) from None
+    return Reply("".join(text), [calls[i] for i in sorted(calls)])
+
+
+async def completion_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
+    """The parsed chunks of an OpenAI stream, one list per network read; checks [DONE] and errors."""
+    async for events in iter_sse(response.content.iter_any()):
+        chunks = []
+        for event in events:
+            if event.data == DONE_DATA:
+                yield chunks
+                return
+            try:
+                chunk = json.loads(event.data)
+            except ValueError:
+                raise RunEnded(ERR_LLM_STREAM, f"The LLM sent a chunk that is not JSON: {event.data[:200]!r}", True) from None
+            if "error" in chunk:  # the proxy's (or OpenAI's) mid-stream error event
+                error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+                raise RunEnded(ERR_LLM_STREAM, str(error.get("message")), True)
+            chunks.append(chunk)
+        yield chunks
+    raise RunEnded(ERR_LLM_STREAM, "The LLM stream ended before [DONE].", True)
+
+
+def delta_of(chunk: dict[str, Any], calls: dict[int, ToolCallSpec], run: Run) -> str:
+    """Fold one chunk into the tool calls being assembled; return its text."""
+    # {"choices": [{"delta": {"content"?: str, "tool_calls"?: [{"index", "id"?, "function": {"name"?, "arguments"?}}]}}], "usage"?: {...}}
+    if chunk.get("usage"):
+        for key, value in chunk["usage"].items():
+            if isinstance(value, int):
+                run.usage[key] = run.usage.get(key, 0) + value
+    text = ""
+    for choice in chunk.get("choices") or []:
+        delta = choice.get("delta") or {}
+        text += delta.get("content") or ""
+        for fragment in delta.get("tool_calls") or []:
+            call = calls.setdefault(fragment.get("index", 0), ToolCallSpec("", "", ""))
+            function = fragment.get("function") or {}
+            call.id = fragment.get("id") or call.id
+            call.name += function.get("name") or ""
+            call.arguments += function.get("arguments") or ""
+    return text
+
+
+async def run_tools(run: Run, tool_calls: list[ToolCallSpec]) -> Messages:
+    """Send each call to the IDE, wait for all of them, return one tool message per call."""
+    outcomes: dict[str, dict[str, Any]] = {}
+    for call in tool_calls:
+        method = OPENAI_TO_METHOD.get(call.name)
+        try:
+            arguments = json.loads(call.arguments or "{}")
+        except ValueError as exc:
+            arguments, problem = None, f"arguments are not valid JSON ({exc}): {call.arguments[:200]!r}"
+        else:
+            problem = "" if isinstance(arguments, dict) else "arguments must be a JSON object"
+        if method is None:
+            problem = f"there is no tool named {call.name!r}; the tools are: {', '.join(OPENAI_TO_METHOD)}"
+        if problem:  # the IDE is not bothered; the model reads why and tries again
+            outcomes[call.id] = {"error": {"code": "invalid_tool_call", "message": f"{call.name}: {problem}"}}
+            continue
+        run.pending[call.id] = asyncio.get_running_loop().create_future()
+        run.emit(TOOL_CALL, {"id": call.id, "name": method, "arguments": arguments})
+
+    waiting = {call_id: future for call_id, future in run.pending.items()}
+    if waiting:
+        await asyncio.wait(waiting.values(), timeout=TOOL_TIMEOUT_S)
+    for call_id, future in waiting.items():
+        del run.pending[call_id]
+        if future.done():
+            outcomes[call_id] = future.result()
+            run.closed_calls[call_id] = "answered"
+        else:
+            future.cancel()
+            run.closed_calls[call_id] = "timed out"
+            outcomes[call_id] = {"error": {"code": "tool_timeout", "message": f"The IDE did not answer within {TOOL_TIMEOUT_S:g} s (TOOL_TIMEOUT_S)."}}
+    # the model reads a success as the bare result, a failure as {"error": {"code", "message", ...}}
+    return [{"role": "tool", "tool_call_id": c.id, "content": dumps(outcomes[c.id].get("result", outcomes[c.id]))} for c in tool_calls]
+
+
+def usage_field(run: Run) -> dict[str, Any]:
+    return {"usage": dict(run.usage)} if run.usage else {}
+
+
+async def upstream_message(response: aiohttp.ClientResponse) -> str:
+    """The message of an OpenAI-style error body, or the start of whatever came instead."""
+    raw = await response.text(errors="replace")
+    try:
+        message = json.loads(raw)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = raw[:500] or response.reason or "no body"
+    return f"LLM request failed with HTTP {response.status}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Handlers
+# ---------------------------------------------------------------------------------------------
+
+
+def problem(status: int, message: str) -> Response:
+    return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
+
+
+async def read_json(request: Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+async def start_run(request: Request) -> Response:
+    # {"session_id": str, "content": str, "run_id"?: str}
+    agent: Agent = request.app.state.agent
+    body = await read_json(request)
+    if body is None or not isinstance(body.get("session_id"), str) or not isinstance(body.get("content"), str):
+        return problem(400, 'Expected a JSON object {"session_id": str, "content": str, "run_id"?: str}.')
+    run_id = body.get("run_id") or "run_" + uuid.uuid4().hex[:16]
+    if not isinstance(run_id, str) or run_id in agent.runs:
+        return problem(409, f"run_id {run_id!r} is already in use.")
+    if body["session_id"] in agent.busy_sessions:
+        return problem(409, f"Session {body['session_id']!r} already has a run in progress; cancel it or wait for its final event.")
+
+    run = Run(run_id, body["session_id"], body["content"])
+    agent.runs[run.id] = run
+    agent.busy_sessions.add(run.session_id)
+    run.task = asyncio.create_task(run_turn(agent, run))
+    return EventStreamResponse(event_stream(agent, run), headers={"X-Run-Id": run.id})
+
+
+async def event_stream(agent: Agent, run: Run) -> AsyncGenerator[bytes, None]:
+    """The run's events as SSE bytes; whatever is queued leaves in one write; `:` when idle."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(HEARTBEAT_S):
+                    first = await run.events.get()
+            except TimeoutError:
+                yield HEARTBEAT
+                continue
+            batch, ended = [first], first is None
+            while not ended and not run.events.empty():
+                item = run.events.get_nowait()
+                batch.append(item)
+                ended = item is None
+            yield b"".join(b for b in batch if b is not None)
+            if ended:
+                return
+    finally:
+        # reached when the run ended, and also when the gateway went away mid-run: no orphans
+        assert run.task is not None
+        if not run.task.done():
+            run.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await run.task
+        agent.runs.pop(run.id, None)
+        agent.busy_sessions.discard(run.session_id)
+
+
+async def post_tool_result(request: Request) -> Response:
+    # {"tool_call_id": str, "result": any} or {"tool_call_id": str, "error": {"code", "message", "data"?}}
+    agent: Agent = request.app.state.agent
+    run = agent.runs.get(request.path_params["run_id"])
+    if run is None:
+        return problem(404, f"No run {request.path_params['run_id']!r} is in progress.")
+    body = await read_json(request)
+    if body is None or not isinstance(body.get("tool_call_id"), str) or ("result" in body) == ("error" in body):
+        return problem(400, 'Expected {"tool_call_id": str} with exactly one of "result" and "error".')
+    call_id = body["tool_call_id"]
+    if call_id in run.closed_calls:
+        return problem(409, f"Tool call {call_id!r} was already {run.closed_calls[call_id]}.")
+    future = run.pending.get(call_id)
+    if future is None:
+        return problem(404, f"Run {run.id!r} is not waiting for a tool call {call_id!r}.")
+    future.set_result({"result": body["result"]} if "result" in body else {"error": body["error"]})
+    run.closed_calls[call_id] = "answered"
+    return JSONResponse({"ok": True})
+
+
+async def cancel_run(request: Request) -> Response:
+    agent: Agent = request.app.state.agent
+    run = agent.runs.get(request.path_params["run_id"])
+    if run is None or run.task is None:
+        return problem(404, f"No run {request.path_params['run_id']!r} is in progress.")
+    run.task.cancel()
+    return JSONResponse({"run_id": run.id, "status": "cancelling"})
+
+
+async def healthz(request: Request) -> Response:
+    agent: Agent = request.app.state.agent
+    return JSONResponse({"status": "ok", "service": "agent", "runs": len(agent.runs)})
+
+
+# ---------------------------------------------------------------------------------------------
+# App
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    timeout = aiohttp.ClientTimeout(total=None, connect=LLM_CONNECT_TIMEOUT_S, sock_read=LLM_READ_TIMEOUT_S)
+    # limit=0: one pooled connection per concurrent run, however many runs there are
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        app.state.agent = Agent(http=http, store=MemoryStore())
+        yield
+        for run in list(app.state.agent.runs.values()):
+            if run.task is not None:
+                run.task.cancel()
+
+
+app = Starlette(
+    routes=[
+        Route("/v1/runs", start_run, methods=["POST"]),
+        Route("/v1/runs/{run_id}/tool_results", post_tool_result, methods=["POST"]),
+        Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/healthz", healthz),
+    ],
+    lifespan=lifespan,
+)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="The agent runtime: the tool-calling loop between gateway and LLM proxy.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
