@@ -201,7 +201,8 @@ def parse_message(text: str | bytes) -> Message:
         return Message("response", id=id_, result=obj["result"])
     if "error" in obj and "result" not in obj:
         err = obj["error"]
-        if not (isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("message"), str)):
+        code = err.get("code") if isinstance(err, dict) else None
+        if not (isinstance(code, int) and not isinstance(code, bool) and isinstance(err.get("message"), str)):
             raise RpcError(INVALID_REQUEST, 'Invalid Request: error must be {"code": int, "message": str}', id_)
         return Message("response", id=id_, error=err)
     raise RpcError(INVALID_REQUEST, "Invalid Request: expected a method, or exactly one of result and error", id_)
@@ -212,10 +213,12 @@ def parse_message(text: str | bytes) -> Message:
 # ---------------------------------------------------------------------------------------------
 
 # Fields are always written in this order: event, id, data. Data is one line of JSON in this
-# project, but the encoder still splits on newlines so that any text round-trips.
+# project, but the encoder still splits on line ends so that any text round-trips (up to the
+# kind of line end: CR and CRLF come back as LF, since SSE cannot carry them).
 HEARTBEAT = b": keep-alive\n\n"
 DONE_DATA = "[DONE]"  # OpenAI's end-of-stream sentinel
 DONE = b"data: [DONE]\n\n"
+_TEXT_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def encode_event(data: str, event: str | None = None, id: str | int | None = None) -> bytes:
@@ -225,12 +228,12 @@ def encode_event(data: str, event: str | None = None, id: str | int | None = Non
         head += f"event: {event}\n"
     if id is not None:
         head += f"id: {id}\n"
-    body = "".join(f"data: {line}\n" for line in data.split("\n"))
+    body = "".join(f"data: {line}\n" for line in _TEXT_LINE_END.split(data))
     return (head + body + "\n").encode("utf-8")
 
 
 def encode_data(data: str) -> bytes:
-    """A bare `data:` event, the only kind OpenAI's chat stream uses."""
+    """A bare `data:` event, the only kind OpenAI's chat stream uses. `data` is one line (JSON)."""
     return b"data: " + data.encode("utf-8") + b"\n\n"
 
 
@@ -261,6 +264,8 @@ class SSEParser:
         self._last_id: str | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not chunk:  # an empty read must not forget that the last one ended in CR
+            return []
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")
