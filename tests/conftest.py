@@ -87,6 +87,9 @@ class Stack:
 
     services: dict[str, Service] = field(default_factory=dict)
     token: str = TOKEN
+    env: dict[str, str] = field(default_factory=dict)  # what every service was started with
+    log_dir: Path = Path(".")
+    ports: dict[str, int] = field(default_factory=dict)  # all four, started or not
 
     def __getitem__(self, name: str) -> Service:
         return self.services[name]
@@ -98,6 +101,15 @@ class Stack:
     def stop(self) -> None:
         for service in self.services.values():
             service.stop()
+
+    def restart(self, name: str, wait: bool = True) -> Service:
+        """(Re)start `name` on its port with the stack's env, stopping it first if it runs."""
+        if name in self.services:
+            self.services[name].stop()
+        self.services[name] = start(name, self.env, self.log_dir, self.ports[name])
+        if wait:
+            wait_healthy(self.services[name])
+        return self.services[name]
 
 
 def start_stack(log_dir: Path, env: dict[str, str] | None = None, only: tuple[str, ...] = ("fake_llm", "llm_proxy", "agent", "gateway")) -> Stack:
@@ -113,9 +125,9 @@ def start_stack(log_dir: Path, env: dict[str, str] | None = None, only: tuple[st
         "GATEWAY_TOKEN": TOKEN,
         "GATEWAY_RUNTIME_DIR": str(log_dir / "runtime"),
     }
-    stack = Stack()
+    stack = Stack(env={**wiring, **env}, log_dir=log_dir, ports=ports)
     for name in only:
-        stack.services[name] = start(name, {**wiring, **env}, log_dir, ports[name])
+        stack.services[name] = start(name, stack.env, log_dir, ports[name])
     try:
         for service in stack.services.values():
             wait_healthy(service)
