@@ -258,6 +258,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
                     raise RpcError(INVALID_REQUEST, f"Invalid Request: frame is larger than {MAX_FRAME_BYTES} bytes (GATEWAY_MAX_FRAME_BYTES)")
                 await session.handle(parse_message(text))
             except RpcError as exc:
+                log.info("session %s: frame refused: %d %s", session.id, exc.code, exc.message[:200])
                 await ws.send_text(exc.response())
     except WebSocketDisconnect:
         pass

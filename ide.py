@@ -59,6 +59,7 @@ from protocol import (
     JsonId,
     Message,
     RpcError,
+    dumps,
     error_response,
     notification,
     parse_message,
@@ -72,9 +73,10 @@ from protocol import (
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_GATEWAY = "ws://127.0.0.1:8000/ws"  # the gateway's WebSocket; --gateway overrides
+# Caps count bytes as they go on the wire, JSON-escaped (a control character takes six), so a
+# tool's answer always fits the gateway's 1 MiB frame limit (GATEWAY_MAX_FRAME_BYTES).
 READ_CAP_BYTES = 256 * 1024  # most file content one read_file returns; more sets truncated
-DIFF_CAP_BYTES = 256 * 1024  # most diff text one git.diff returns; both stay far below the
-#                              gateway's 1 MiB frame limit even after JSON escaping
+DIFF_CAP_BYTES = 256 * 1024  # most diff text one git.diff returns; more sets truncated
 GIT_TIMEOUT_S = 30.0  # one git command; a hung git becomes a tool error, not a hung IDE
 CONNECT_TIMEOUT_S = 10.0  # reaching the gateway
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # largest frame taken from the gateway (a big diff to apply)
@@ -153,6 +155,36 @@ def atomic_write(target: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def wire_size(text: str) -> int:
+    """The bytes `text` takes inside a JSON frame, quotes not counted."""
+    return len(dumps(text).encode("utf-8")) - 2
+
+
+def take_lines(lines: list[str], budget: int) -> tuple[list[str], bool]:
+    """The leading lines whose wire size fits `budget`, and whether any were left out.
+
+    When even the first line is larger than the budget, its longest prefix that fits is kept.
+    """
+    kept: list[str] = []
+    used = 0
+    for line in lines:
+        size = wire_size(line)
+        if used + size > budget:
+            return kept or [longest_prefix(line, budget)], True
+        kept.append(line)
+        used += size
+    return kept, False
+
+
+def longest_prefix(text: str, budget: int) -> str:
+    """Binary search for the longest start of `text` whose wire size fits `budget`."""
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if wire_size(text[:middle]) <= budget else (low, middle - 1)
+    return text[:low]
 
 
 def split_lines(text: str) -> list[str]:
@@ -369,7 +401,7 @@ class Workspace:
             raise ToolError("outside_workspace", f"{path!r} is absolute; paths are relative to the workspace root")
         target = (self.root / path).resolve()
         if not target.is_relative_to(self.root):
-            raise ToolError("outside_workspace", f"{path!r} resolves to {target}, outside the workspace {self.root}")
+            raise ToolError("outside_workspace", f"{path!r} resolves outside the workspace; paths must stay inside it")  # where it points is not told
         return target
 
     # -- read_file, write_file -------------------------------------------------------------------
@@ -408,17 +440,7 @@ class Workspace:
         if start > total:
             raise ToolError("bad_range", f"start_line {start} is past the end of {path!r}, which has {total} lines")
         end = min(end or total, total)
-        content: list[str] = []
-        used, truncated = 0, False
-        for line in lines[start - 1 : end]:
-            size = len(line.encode("utf-8"))
-            if used + size > READ_CAP_BYTES:
-                truncated = True
-                if not content:  # one line longer than the cap: its beginning, cut on a character
-                    content.append(line.encode("utf-8")[:READ_CAP_BYTES].decode("utf-8", errors="ignore"))
-                break
-            content.append(line)
-            used += size
+        content, truncated = take_lines(lines[start - 1 : end], READ_CAP_BYTES)
         return {
             "path": path,
             "content": "".join(content),
@@ -470,10 +492,8 @@ class Workspace:
         status, out, err = await git(self.root, [*args, "--", *paths])
         if status != 0:
             raise ToolError("git_failed", f"git diff failed: {err.strip()}", {"stderr": err})
-        truncated = len(out) > DIFF_CAP_BYTES
-        if truncated:  # cut at a line end so the model never sees half a line
-            out = out[: out.rfind(b"\n", 0, DIFF_CAP_BYTES) + 1]
-        return {"diff": out.decode("utf-8", errors="replace"), "truncated": truncated}
+        kept, truncated = take_lines(split_lines(out.decode("utf-8", errors="replace")), DIFF_CAP_BYTES)
+        return {"diff": "".join(kept), "truncated": truncated}
 
     # -- apply_patch, apply_patch_review ---------------------------------------------------------
 
@@ -784,6 +804,8 @@ async def run_turn(
             elif message.kind == "request":
                 expected = ", ".join(TOOL_METHODS)
                 await send(ws, error_response(message.id, METHOD_NOT_FOUND, f"Method not found: {message.method!r}; this IDE answers {expected}"))
+            elif message.kind == "response" and message.id is None and message.error is not None:
+                screen.say(f"[gateway refused a frame: {message.error['message']}]")  # e.g. one too large
             elif message.kind == "response" and message.id == request_id:
                 if message.error is not None:  # the user message was refused (e.g. a run in progress)
                     turn.status, turn.code, turn.content = ERROR, message.error["code"], message.error["message"]
