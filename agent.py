@@ -137,6 +137,7 @@ class Run:
     seq: int = 0
     usage: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    started: bool = False
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         self.seq += 1
@@ -182,11 +183,13 @@ class Reply:
 
 async def run_turn(agent: Agent, run: Run) -> None:
     """Answer one user message; emit exactly one final or error event, whatever happens."""
+    run.started = True
     started = time.monotonic()
-    messages = await agent.store.load(run.session_id)
-    messages.append({"role": "user", "content": run.content})
+    messages: Messages = []
     status = "?"
     try:
+        messages = await agent.store.load(run.session_id)
+        messages.append({"role": "user", "content": run.content})
         for _ in range(AGENT_MAX_STEPS):
             reply = await step(agent, run, messages)
             if reply is not None:
@@ -207,7 +210,8 @@ async def run_turn(agent: Agent, run: Run) -> None:
     finally:
         for future in run.pending.values():
             future.cancel()
-        await agent.store.save(run.session_id, messages)
+        if messages:  # empty only when loading failed: then there is nothing new to keep
+            await agent.store.save(run.session_id, messages)
         run.events.put_nowait(None)
         log.info("run %s session %s: %s in %.0f ms", run.id, run.session_id, status, (time.monotonic() - started) * 1000)
 
@@ -355,7 +359,7 @@ def problem(status: int, message: str) -> Response:
 async def read_json(request: Request) -> dict[str, Any] | None:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 
@@ -376,7 +380,15 @@ async def start_run(request: Request) -> Response:
     agent.runs[run.id] = run
     agent.busy_sessions.add(run.session_id)
     run.task = asyncio.create_task(run_turn(agent, run))
+    run.task.add_done_callback(lambda task: end_unstarted(run, task))
     return EventStreamResponse(event_stream(agent, run), headers={"X-Run-Id": run.id})
+
+
+def end_unstarted(run: Run, task: asyncio.Task[None]) -> None:
+    """A task cancelled before its first step never ran run_turn: end its stream here."""
+    if task.cancelled() and not run.started:
+        run.emit(FINAL, {"run_id": run.id, "status": CANCELLED, "content": ""})
+        run.events.put_nowait(None)
 
 
 async def event_stream(agent: Agent, run: Run) -> AsyncGenerator[bytes, None]:
@@ -475,4 +487,4 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=1)

@@ -48,6 +48,7 @@ from protocol import (
     ERR_AGENT_UNAVAILABLE,
     ERROR,
     FINAL,
+    INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
     METHOD_NOT_FOUND,
@@ -94,6 +95,7 @@ class Session:
     run_id: str | None = None  # the run in progress, if any
     relay: asyncio.Task[None] | None = None
     tool_calls: set[str] = field(default_factory=set)  # ids of tool requests the IDE still owes
+    cancelled: str | None = None  # the run the IDE asked to cancel
 
     async def notify(self, method: str, params: dict[str, Any]) -> None:
         self.seq += 1
@@ -144,6 +146,8 @@ class Session:
         async with self.http.post(f"{AGENT_URL}/v1/runs", json=body) as response:
             if response.status != 200:
                 raise AgentFailed(f"The agent refused the run: HTTP {response.status} {await response.text()}", response.status >= 500)
+            if self.cancelled == run_id:  # the cancel may have reached the agent before the run did
+                await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
             async for events in iter_sse(response.content.iter_any()):
                 for event in events:
                     if await self.relay_event(event.event, json.loads(event.data)):
@@ -184,6 +188,7 @@ class Session:
             if message.kind == "request":
                 raise RpcError(NO_ACTIVE_RUN, f"No run {run_id!r} is in progress on this socket.", message.id)
             return
+        self.cancelled = run_id
         await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
         if message.kind == "request":
             await self.ws.send_text(result(message.id, {"run_id": run_id, "status": "cancelling"}))
@@ -260,6 +265,9 @@ async def ws_endpoint(ws: WebSocket) -> None:
             except RpcError as exc:
                 log.info("session %s: frame refused: %d %s", session.id, exc.code, exc.message[:200])
                 await ws.send_text(exc.response())
+            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:  # a bug: answer, keep serving
+                log.error("session %s: frame failed: %r", session.id, exc)
+                await ws.send_text(RpcError(INTERNAL_ERROR, f"Internal error: {exc!r}").response())
     except WebSocketDisconnect:
         pass
     finally:

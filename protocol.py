@@ -115,7 +115,12 @@ JsonId = str | int | None
 
 def dumps(obj: Any) -> str:
     """Compact JSON on one line: the form of every frame and every SSE data field here."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, legal as a JSON escape ("\ud800"): keep it escaped
+        text = json.dumps(obj, separators=(",", ":"))
+    return text
 
 
 def request(id: JsonId, method: str, params: dict[str, Any]) -> str:
@@ -177,6 +182,8 @@ def parse_message(text: str | bytes) -> Message:
         obj = json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RpcError(PARSE_ERROR, f"Parse error: frame is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise RpcError(PARSE_ERROR, "Parse error: frame is nested too deeply") from None
     if not isinstance(obj, dict):
         raise RpcError(INVALID_REQUEST, f"Invalid Request: expected a JSON object, got {type(obj).__name__}")
     if "jsonrpc" not in obj and obj.get("type") == USER_MESSAGE:  # the seed's frame
