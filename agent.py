@@ -260,12 +260,15 @@ async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
 
 async def completion_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[list[dict[str, Any]]]:
     """The parsed chunks of an OpenAI stream, one list per network read; checks [DONE] and errors."""
+    done = False
     async for events in iter_sse(response.content.iter_any()):
+        if done:  # read on to the end of the body: only a fully read response frees its connection for reuse
+            continue
         chunks = []
         for event in events:
             if event.data == DONE_DATA:
-                yield chunks
-                return
+                done = True
+                break
             try:
                 chunk = json.loads(event.data)
             except ValueError:
@@ -275,7 +278,8 @@ async def completion_chunks(response: aiohttp.ClientResponse) -> AsyncIterator[l
                 raise RunEnded(ERR_LLM_STREAM, str(error.get("message")), True)
             chunks.append(chunk)
         yield chunks
-    raise RunEnded(ERR_LLM_STREAM, "The LLM stream ended before [DONE].", True)
+    if not done:
+        raise RunEnded(ERR_LLM_STREAM, "The LLM stream ended before [DONE].", True)
 
 
 def delta_of(chunk: dict[str, Any], calls: dict[int, ToolCallSpec], run: Run) -> str:
@@ -395,12 +399,15 @@ async def event_stream(agent: Agent, run: Run) -> AsyncGenerator[bytes, None]:
     """The run's events as SSE bytes; whatever is queued leaves in one write; `:` when idle."""
     try:
         while True:
-            try:
-                async with asyncio.timeout(HEARTBEAT_S):
-                    first = await run.events.get()
-            except TimeoutError:
-                yield HEARTBEAT
-                continue
+            if run.events.empty():  # arm the heartbeat timer only when there is nothing to send
+                try:
+                    async with asyncio.timeout(HEARTBEAT_S):
+                        first = await run.events.get()
+                except TimeoutError:
+                    yield HEARTBEAT
+                    continue
+            else:
+                first = run.events.get_nowait()
             batch, ended = [first], first is None
             while not ended and not run.events.empty():
                 item = run.events.get_nowait()

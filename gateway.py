@@ -94,6 +94,7 @@ class Session:
     seq: int = 0
     run_id: str | None = None  # the run in progress, if any
     relay: asyncio.Task[None] | None = None
+    running: bool = False  # from user_message until the run's final or error reached the IDE
     tool_calls: set[str] = field(default_factory=set)  # ids of tool requests the IDE still owes
     cancelled: str | None = None  # the run the IDE asked to cancel
 
@@ -116,12 +117,13 @@ class Session:
         content = message.params.get("content")
         if not isinstance(content, str) or not content.strip():
             raise RpcError(INVALID_PARAMS, 'Invalid params: user_message needs {"content": non-empty string}', message.id)
-        if self.relay is not None and not self.relay.done():
+        if self.running:
             raise RpcError(RUN_IN_PROGRESS, f"Run {self.run_id} is still in progress; send cancel or wait for its final.", message.id, {"run_id": self.run_id})
         self.run_id = "run_" + uuid.uuid4().hex[:16]
         self.tool_calls.clear()
         if message.kind == "request":
             await self.ws.send_text(result(message.id, {"session_id": self.id, "run_id": self.run_id}))
+        self.running = True
         self.relay = asyncio.create_task(self.relay_run(self.run_id, content))
 
     async def relay_run(self, run_id: str, content: str) -> None:
@@ -138,6 +140,7 @@ class Session:
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass  # the IDE is gone; close() cancels the run in the agent
         finally:
+            self.running = False
             self.tool_calls.clear()
 
     async def stream_from_agent(self, run_id: str, content: str) -> bool:
@@ -148,11 +151,12 @@ class Session:
                 raise AgentFailed(f"The agent refused the run: HTTP {response.status} {await response.text()}", response.status >= 500)
             if self.cancelled == run_id:  # the cancel may have reached the agent before the run did
                 await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
+            ended = False
             async for events in iter_sse(response.content.iter_any()):
-                for event in events:
-                    if await self.relay_event(event.event, json.loads(event.data)):
-                        return True
-        return False
+                for event in events:  # after the end, read on to EOF: a fully read response frees its connection
+                    if not ended:
+                        ended = await self.relay_event(event.event, json.loads(event.data))
+        return ended
 
     async def relay_event(self, event: str, data: dict[str, Any]) -> bool:
         """Pass one agent event on to the IDE. True when it ends the run."""
@@ -161,12 +165,15 @@ class Session:
             await self.ws.send_text(request(data["id"], data["name"], data["arguments"]))
             return False
         if event in (TOKEN, FINAL, ERROR):
+            if event != TOKEN:
+                self.running = False  # before the send: the IDE may answer the final with a new message at once
             await self.notify(event, data)
             return event != TOKEN
         log.warning("ignoring unknown agent event %r", event)
         return False
 
     async def fail(self, run_id: str, code: str, message: str, retryable: bool) -> None:
+        self.running = False
         log.warning("run %s: %s: %s", run_id, code, message)
         with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # the IDE may be gone too
             await self.notify(ERROR, {"run_id": run_id, "code": code, "message": message, "retryable": retryable})
@@ -183,8 +190,7 @@ class Session:
 
     async def cancel(self, message: Message) -> None:
         run_id = message.params.get("run_id", self.run_id)
-        running = self.relay is not None and not self.relay.done()
-        if not running or run_id != self.run_id:
+        if not self.running or run_id != self.run_id:
             if message.kind == "request":
                 raise RpcError(NO_ACTIVE_RUN, f"No run {run_id!r} is in progress on this socket.", message.id)
             return
@@ -204,8 +210,9 @@ class Session:
 
     async def close(self) -> None:
         """The socket is gone: stop the run so nothing is left waiting for this IDE."""
-        if self.relay is not None and not self.relay.done():
+        if self.running:
             await self.post_agent(f"/v1/runs/{self.run_id}/cancel", {})
+        if self.relay is not None and not self.relay.done():
             self.relay.cancel()  # closing the SSE stream also cancels the run in the agent
             with contextlib.suppress(asyncio.CancelledError):
                 await self.relay
