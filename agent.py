@@ -86,6 +86,8 @@ files; use apply_patch_review when the user should approve each hunk, and prompt
 need a decision. All paths are relative to the workspace root. When a tool returns an error, \
 read it and recover. Finish with a short summary of what you changed."""
 
+TOOLS = openai_tools()  # the six tools as OpenAI function specs, built once from tools_spec.json
+
 log = logging.getLogger("agent")
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
     body = {
         "model": LLM_MODEL,
         "messages": [{"role": "system", "content": SYSTEM_PROMPT}, *messages],
-        "tools": openai_tools(),
+        "tools": TOOLS,
         "stream": True,
         "stream_options": {"include_usage": True},
     }

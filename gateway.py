@@ -62,6 +62,7 @@ from protocol import (
     RpcError,
     iter_sse,
     notification,
+    notification_spliced,
     parse_message,
     request,
     result,
@@ -155,20 +156,24 @@ class Session:
             async for events in iter_sse(response.content.iter_any()):
                 for event in events:  # after the end, read on to EOF: a fully read response frees its connection
                     if not ended:
-                        ended = await self.relay_event(event.event, json.loads(event.data))
+                        ended = await self.relay_event(event.event, event.data)
         return ended
 
-    async def relay_event(self, event: str, data: dict[str, Any]) -> bool:
-        """Pass one agent event on to the IDE. True when it ends the run."""
-        if event == TOOL_CALL:  # {"id", "name", "arguments"}
-            self.tool_calls.add(data["id"])
-            await self.ws.send_text(request(data["id"], data["name"], data["arguments"]))
+    async def relay_event(self, event: str, data: str) -> bool:
+        """Pass one agent event (its data: one JSON object) on to the IDE. True when it ends the run."""
+        if event == TOKEN:  # {"run_id", "text"}: relayed as text, never decoded (see notification_spliced)
+            self.seq += 1
+            await self.ws.send_text(notification_spliced(TOKEN, data, self.seq))
             return False
-        if event in (TOKEN, FINAL, ERROR):
-            if event != TOKEN:
-                self.running = False  # before the send: the IDE may answer the final with a new message at once
-            await self.notify(event, data)
-            return event != TOKEN
+        if event == TOOL_CALL:  # {"id", "name", "arguments"}
+            call = json.loads(data)
+            self.tool_calls.add(call["id"])
+            await self.ws.send_text(request(call["id"], call["name"], call["arguments"]))
+            return False
+        if event in (FINAL, ERROR):
+            self.running = False  # before the send: the IDE may answer the final with a new message at once
+            await self.notify(event, json.loads(data))
+            return True
         log.warning("ignoring unknown agent event %r", event)
         return False
 

@@ -131,6 +131,15 @@ def notification(method: str, params: dict[str, Any]) -> str:
     return dumps({"jsonrpc": JSONRPC_VERSION, "method": method, "params": params})
 
 
+def notification_spliced(method: str, params_json: str, seq: int) -> str:
+    """notification(method, {**params, "seq": seq}) for params that are already one JSON object.
+
+    The gateway relays every streamed token this way: adding `seq` to the agent's data as text
+    saves a decode and an encode per token (the hottest path there is). Same bytes as the slow way.
+    """
+    return f'{{"jsonrpc":"{JSONRPC_VERSION}","method":"{method}","params":{params_json[:-1]},"seq":{seq}}}}}'
+
+
 def result(id: JsonId, value: Any) -> str:
     return dumps({"jsonrpc": JSONRPC_VERSION, "id": id, "result": value})
 

@@ -847,3 +847,23 @@ def test_token_file_falls_back_to_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("GATEWAY_RUNTIME_DIR", raising=False)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert token_file(8123) == tmp_path / "refagent" / "gateway-8123.json"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"run_id": "run_1", "text": "hi"}, {"run_id": "r", "text": 'quote " and é\n'}],
+    ids=["plain", "escapes"],
+)
+def test_notification_spliced_equals_notification(params: dict[str, Any]) -> None:
+    """Splicing seq into the agent's JSON text gives the very bytes notification() would."""
+    from protocol import dumps, notification_spliced
+
+    assert notification_spliced("token", dumps(params), 7) == notification("token", {**params, "seq": 7})
+
+
+def test_notification_spliced_literal_frame() -> None:
+    """The gateway's token frame, byte for byte."""
+    from protocol import notification_spliced
+
+    frame = notification_spliced("token", '{"run_id":"run_1","text":"Hi"}', 3)
+    assert frame == '{"jsonrpc":"2.0","method":"token","params":{"run_id":"run_1","text":"Hi","seq":3}}'
