@@ -16,7 +16,7 @@ import pytest
 
 import ide
 from conftest import Stack
-from ide import Ask
+from test_ide_tools import scripted  # one scripted ask() for both tool suites
 
 TURN_TIMEOUT_S = 30  # a hang bound for one whole turn; a healthy one takes well under a second
 
@@ -40,20 +40,6 @@ async def drive(stack: Stack, root: Path, prompt: str, **workspace_kwargs: Any) 
     assert turn.status == "completed", turn
     _, found, returned = turn.content.partition(" returned: ")
     return turn, json.loads(returned) if found else None
-
-
-def scripted(*answers: str) -> Ask:
-    """An ask() that gives these answers in order, then behaves like Ctrl-D; it logs the prompts."""
-    queue = list(answers)
-
-    async def ask(prompt: str) -> str:
-        ask.prompts.append(prompt)  # type: ignore[attr-defined]
-        if not queue:
-            raise EOFError
-        return queue.pop(0)
-
-    ask.prompts = []  # type: ignore[attr-defined]
-    return ask
 
 
 def git(root: Path, *args: str) -> str:
