@@ -282,6 +282,8 @@ class SSEParser:
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         if not chunk:  # an empty read must not forget that the last one ended in CR
             return []
+        if not (self._first or self._after_cr or self._data or self._event) and b"\r" not in chunk:
+            return self._feed_blocks(chunk)
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = chunk.endswith(b"\r")
@@ -299,6 +301,26 @@ class SSEParser:
             event = self._line(raw.decode("utf-8", errors="replace"))
             if event is not None:
                 events.append(event)
+        return events
+
+    def _feed_blocks(self, chunk: bytes) -> list[SSEEvent]:
+        """feed() for the common read: LF line ends only, and no event half-parsed.
+
+        Same events as the line-by-line path, at a fraction of its cost on a fast stream: one
+        split per read and one decode per event. An event that is a single `data: ` line (every
+        OpenAI chunk, every event of ours) is taken whole; any other goes through _line. What
+        follows the last blank line stays in the buffer, unparsed, until its event is complete.
+        """
+        *blocks, self._buffer = (self._buffer + chunk).split(b"\n\n")
+        events: list[SSEEvent] = []
+        for block in blocks:
+            if block.startswith(b"data: ") and b"\n" not in block:
+                events.append(SSEEvent(data=block[6:].decode("utf-8", errors="replace"), id=self._last_id))
+                continue
+            for raw in (*block.split(b"\n"), b""):  # the b"": the blank line that ended the block
+                event = self._line(raw.decode("utf-8", errors="replace"))
+                if event is not None:
+                    events.append(event)
         return events
 
     def _line(self, line: str) -> SSEEvent | None:

@@ -8,6 +8,7 @@ https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-inte
 from __future__ import annotations
 
 import asyncio
+import random
 import re
 import socket
 from collections.abc import AsyncIterator
@@ -272,6 +273,46 @@ def test_every_split_point_gives_same_events() -> None:
 def test_one_byte_per_read_gives_same_events() -> None:
     """Feeding the stream one byte per read gives the same events."""
     assert feed_all([bytes([b]) for b in MIXED_STREAM]) == MIXED_EVENTS
+
+
+def reference_events(stream: bytes) -> list[SSEEvent]:
+    """The WHATWG algorithm written the plainest way, on the whole stream at once: the oracle."""
+    text = stream.decode("utf-8", errors="replace").removeprefix("\ufeff")
+    events, data, event, last_id = [], [], "", None
+    for line in re.split("\r\n|\r|\n", text)[:-1]:  # the last piece has no line end: not a line
+        if not line:
+            if data:
+                events.append(SSEEvent(event or "message", "\n".join(data), last_id))
+            data, event = [], ""
+            continue
+        name, colon, value = line.partition(":")
+        value = value[1:] if colon and value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        elif name == "event":
+            event = value
+        elif name == "id" and "\0" not in value:
+            last_id = value
+    return events
+
+
+SSE_PIECES = [b"data: x", b"data:y", b"data: {\"a\":1}", b"data: \xc3\xa9\xe2\x82\xac", b"data: [DONE]", b"data",
+              b"event: e", b"id: 7", b": keep-alive", b"retry: 5", b"other: z", b"data:  two spaces"]  # fmt: skip
+SSE_ENDS = [b"\n", b"\n", b"\n\n", b"\n\n", b"\n\n", b"\r\n", b"\r", b"\r\n\r\n", b"\n\n\n"]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_random_streams_and_cuts_match_the_spec(seed: int) -> None:
+    """Random streams (mostly the common `data: X\\n\\n`, some CR, comments, fields, multi-byte
+    text, BOMs), cut into random reads, give exactly the reference algorithm's events: the
+    one-split-per-read path and the line-by-line path must agree wherever a stream moves between them."""
+    rng = random.Random(seed)
+    stream = b"\xef\xbb\xbf" if rng.random() < 0.1 else b""
+    for _ in range(rng.randint(1, 30)):
+        stream += rng.choice(SSE_PIECES) + rng.choice(SSE_ENDS)
+    cuts = sorted(rng.sample(range(len(stream) + 1), min(len(stream) + 1, rng.randint(0, 8))))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    assert feed_all(chunks) == reference_events(stream), f"stream {stream!r} cut as {chunks!r}"
 
 
 def test_leading_bom_dropped() -> None:
