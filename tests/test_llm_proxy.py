@@ -454,6 +454,45 @@ async def test_malformed_chunk_gives_error_event(upstream: Serve, proxy: Start, 
     assert error["code"] == "llm_stream_broken" and "{not json" in error["message"]
 
 
+@pytest.mark.parametrize(
+    "bad", [b"data: [1]\n\n", b'data: "text"\n\n', b"data: 42\n\n", b'data: {"cut":\n\n', b"data: \n\n"]
+)
+async def test_chunk_that_cannot_be_an_object_gives_error_event(
+    upstream: Serve, proxy: Start, client: aiohttp.ClientSession, bad: bytes
+) -> None:
+    """Plain chunks are not parsed (choice 5), yet anything not shaped like one object is caught."""
+    fake = await upstream(sse(ROLE, bad, HELLO))
+    base = await proxy(fake.url)
+    async with client.post(base + "/chat/completions", json=chat()) as resp:
+        body = await resp.read()
+    assert body.startswith(ROLE) and HELLO not in body and DONE not in body
+    [error] = error_events(body)
+    assert error["code"] == "llm_stream_broken" and "not a JSON object" in error["message"]
+
+
+async def test_error_key_in_a_broken_chunk_is_caught(upstream: Serve, proxy: Start, client: aiohttp.ClientSession) -> None:
+    """A chunk that may be an error event is parsed: broken between its braces, it is garbage."""
+    fake = await upstream(sse(ROLE, b'data: {"error": oops}\n\n', HELLO))
+    base = await proxy(fake.url)
+    async with client.post(base + "/chat/completions", json=chat()) as resp:
+        body = await resp.read()
+    [error] = error_events(body)
+    assert error["code"] == "llm_stream_broken" and "oops" in error["message"]
+
+
+async def test_usage_written_with_spaces_reaches_the_log(
+    upstream: Serve, proxy: Start, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that writes `"usage": {...}` with spaces (not OpenAI's compact form) still gets its tokens logged."""
+    caplog.set_level(logging.INFO, logger="llm_proxy")
+    spaced = b'data: {"id": "x", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}\n\n'
+    fake = await upstream(sse(ROLE, HELLO, spaced))
+    base = await proxy(fake.url)
+    async with client.post(base + "/chat/completions", json=chat()) as resp:
+        assert await resp.read() == ROLE + HELLO + spaced + DONE
+    assert any("tokens=9+4" in line for line in log_lines(caplog))
+
+
 async def test_stream_ending_without_done_gives_error_event(
     upstream: Serve, proxy: Start, client: aiohttp.ClientSession
 ) -> None:

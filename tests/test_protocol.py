@@ -8,9 +8,11 @@ https://html.spec.whatwg.org/multipage/server-sent-events.html#event-stream-inte
 from __future__ import annotations
 
 import asyncio
+import gc
 import random
 import re
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 from starlette.routing import Route
 
 from protocol import (
@@ -47,6 +50,7 @@ from protocol import (
     encode_event,
     error_response,
     iter_sse,
+    read_chunks,
     notification,
     openai_tool_name,
     openai_tools,
@@ -497,6 +501,88 @@ async def test_iter_sse_yields_one_list_per_read() -> None:
         [SSEEvent("message", "a"), SSEEvent("message", "b")],
         [SSEEvent("message", "c")],
     ]
+
+
+def paced_body(schedule: list[float | bytes]) -> Starlette:
+    """An app whose GET / streams `schedule`: bytes are written, numbers are pauses in seconds."""
+
+    async def body() -> AsyncIterator[bytes]:
+        for step in schedule:
+            if isinstance(step, bytes):
+                yield step
+            else:
+                await asyncio.sleep(step)
+
+    async def endpoint(request: Request) -> StreamingResponse:
+        return StreamingResponse(body())
+
+    return Starlette(routes=[Route("/", endpoint)])
+
+
+@pytest.mark.asyncio
+async def test_read_chunks_times_out_on_silence() -> None:
+    """A body that goes quiet mid-way: the reads so far, then TimeoutError after the idle time."""
+    async with serve(paced_body([b"one", 5.0, b"never"])) as url, aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            got = []
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(TimeoutError):
+                async for data in read_chunks(response.content, 0.3):
+                    got.append(data)
+            waited = asyncio.get_running_loop().time() - started
+    assert got == [b"one"]
+    assert 0.3 <= waited < 2.0  # the timer wakes at most once per idle time: fires within 2x of it
+
+
+@pytest.mark.asyncio
+async def test_read_chunks_steady_trickle_never_times_out() -> None:
+    """Data every 0.1 s for 1.2 s under a 0.3 s idle timeout: the one timer re-arms, never fires."""
+    async with serve(paced_body([b"x", *[0.1, b"x"] * 12])) as url, aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            got = b"".join([data async for data in read_chunks(response.content, 0.3)])
+    assert got == b"x" * 13
+
+
+@pytest.mark.asyncio
+async def test_read_chunks_caller_time_between_reads_does_not_count() -> None:
+    """A caller busy for 3x the idle time between reads (its peer slow, say) is not timed out."""
+    async with serve(paced_body([b"a", 0.05, b"b", 0.05, b"c"])) as url, aiohttp.ClientSession() as http:
+        async with http.get(url) as response:
+            got = []
+            async for data in read_chunks(response.content, 0.2):
+                got.append(data)
+                await asyncio.sleep(0.6)
+    assert b"".join(got) == b"abc"
+
+
+class OneRead:
+    """A body that gives one read, then waits forever: enough of aiohttp's StreamReader for read_chunks."""
+
+    def __init__(self) -> None:
+        self.reads = [b"a"]
+
+    async def readany(self) -> bytes:
+        if self.reads:
+            return self.reads.pop()
+        await asyncio.Event().wait()
+        return b""
+
+    def set_exception(self, exc: BaseException) -> None:
+        raise AssertionError(f"the body was failed: {exc!r}")
+
+
+@pytest.mark.asyncio
+async def test_read_chunks_closed_early_leaves_no_timer() -> None:
+    """Closed before the end, the generator takes its timer with it: nothing holds the body after."""
+    content = OneRead()
+    reads = read_chunks(content, 0.05)
+    assert await anext(reads) == b"a"
+    await reads.aclose()
+    await asyncio.sleep(0.2)  # four idle times: an orphan timer would have fired and re-armed by now
+    gone = weakref.ref(content)
+    del content, reads
+    gc.collect()
+    assert gone() is None, "a timer still holds the body"
 
 
 # ---------------------------------------------------------------------------------------------
