@@ -27,8 +27,9 @@ to add logging, summarise.
     [delay:MS]           wait MS milliseconds before each chunk (default FAKE_LLM_TOKEN_DELAY_MS)
     [fail:STATUS xN]     answer the first N attempts of this message with HTTP STATUS
     [drop:K]             send K chunks, then cut the connection (no [DONE])
-    [garbage:K]          send K chunks, then a chunk that is not JSON
+    [garbage:K]          send K chunks, then a chunk that is not JSON (braced: it passes llm_proxy's shape check)
     [stall]              send the headers, then nothing until the client goes away
+    [stall:K]            send K chunks, then nothing until the client goes away
 
 `GET /_fake/stats` reports {"requests", "completed", "aborted", "active"}: tests read it to see
 that a cancelled request really reached the upstream as a disconnect.
@@ -296,14 +297,14 @@ async def stream(stats: Stats, reply: Reply, marks: dict[str, str], completion_i
     stats.active += 1
     finished = False
     try:
-        if "stall" in marks:
-            await asyncio.Event().wait()  # until the client goes away and we are cancelled
         chunks = reply_chunks(reply, completion_id, created, usage is not None)
         for i, data in enumerate(chunks):
+            if "stall" in marks and i == int(marks["stall"] or 0):
+                await asyncio.Event().wait()  # until the client goes away and we are cancelled
             if "drop" in marks and i == int(marks["drop"]):
                 raise ConnectionAbortedError("fake upstream drops the connection on purpose")
             if "garbage" in marks and i == int(marks["garbage"]):
-                yield b"data: {this is not json\n\n"
+                yield b"data: {this is not json}\n\n"
                 continue
             if delay:
                 await asyncio.sleep(delay)

@@ -61,6 +61,7 @@ from protocol import (
     Message,
     RpcError,
     iter_sse,
+    read_chunks,
     notification,
     notification_spliced,
     parse_message,
@@ -77,6 +78,8 @@ AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8001")  # the agent ru
 MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)))  # larger frames get -32600
 AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5"))  # reaching the agent
 AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
+
+SHORT_CALL = aiohttp.ClientTimeout(total=AGENT_READ_TIMEOUT_S, connect=AGENT_CONNECT_TIMEOUT_S)  # tool results, cancel
 
 log = logging.getLogger("gateway")
 
@@ -147,13 +150,15 @@ class Session:
     async def stream_from_agent(self, run_id: str, content: str) -> bool:
         """Relay the agent's events until final or error; False if the stream ended before one."""
         body = {"session_id": self.id, "run_id": run_id, "content": content}
-        async with self.http.post(f"{AGENT_URL}/v1/runs", json=body) as response:
+        async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # for the answer to start; then read_chunks times the body
+            response = await self.http.post(f"{AGENT_URL}/v1/runs", json=body)
+        async with response, contextlib.aclosing(read_chunks(response.content, AGENT_READ_TIMEOUT_S)) as reads:
             if response.status != 200:
                 raise AgentFailed(f"The agent refused the run: HTTP {response.status} {await response.text()}", response.status >= 500)
             if self.cancelled == run_id:  # the cancel may have reached the agent before the run did
                 await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
             ended = False
-            async for events in iter_sse(response.content.iter_any()):
+            async for events in iter_sse(reads):
                 for event in events:  # after the end, read on to EOF: a fully read response frees its connection
                     if not ended:
                         ended = await self.relay_event(event.event, event.data)
@@ -207,10 +212,10 @@ class Session:
     async def post_agent(self, path: str, body: dict[str, Any]) -> None:
         """A short call to the agent; failures are logged, the run's stream reports the rest."""
         try:
-            async with self.http.post(AGENT_URL + path, json=body) as response:
+            async with self.http.post(AGENT_URL + path, json=body, timeout=SHORT_CALL) as response:
                 if response.status != 200:
                     log.warning("agent %s answered %s: %s", path, response.status, await response.text())
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("agent %s failed: %r", path, exc)
 
     async def close(self) -> None:
@@ -315,7 +320,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     port = int(os.environ.get("GATEWAY_PORT", "8000"))  # set by __main__ / the Procfile; names the token file
     generated = not os.environ.get("GATEWAY_TOKEN")
     app.state.token = publish_token(port) if generated else os.environ["GATEWAY_TOKEN"]
-    timeout = aiohttp.ClientTimeout(total=None, connect=AGENT_CONNECT_TIMEOUT_S, sock_read=AGENT_READ_TIMEOUT_S)
+    timeout = aiohttp.ClientTimeout(total=None, connect=AGENT_CONNECT_TIMEOUT_S)  # reads: see stream_from_agent
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
         app.state.http = http
         try:

@@ -251,6 +251,25 @@ async def test_upstream_malformed_chunk_is_an_error(stack: Stack, at: int) -> No
         await assert_nothing_left(http, stack)
 
 
+@pytest.mark.parametrize("marker", ["[stall]", "[tokens:20] [delay:0] [stall:4]"], ids=["before-answer", "mid-stream"])
+async def test_silent_llm_proxy_ends_run_after_llm_read_timeout(make_stack: MakeStack, marker: str) -> None:
+    """4b. The proxy says nothing for LLM_READ_TIMEOUT_S (its own timeouts are longer), before its
+    answer starts or mid-stream: the agent ends the run with llm_stream_broken and hangs up."""
+    stack = make_stack({"LLM_READ_TIMEOUT_S": "0.5"})
+    async with aiohttp.ClientSession() as http:
+        ws = await connect(http, stack)
+        started = time.monotonic()
+        _, frames = await turn(ws, unique(marker))
+        waited = time.monotonic() - started
+        error = frames[-1]
+        assert error["method"] == "error", error
+        assert error["params"]["code"] == "llm_stream_broken" and "LLM_READ_TIMEOUT_S" in error["params"]["message"]
+        assert texts(frames) == ("" if marker == "[stall]" else token_text(3))  # role chunk + 3 tokens came first
+        assert 0.5 <= waited < 5
+        await assert_socket_usable(ws)
+        await assert_nothing_left(http, stack)
+
+
 # ---------------------------------------------------------------------------------------------
 # 5-8. Tool calls that go wrong
 # ---------------------------------------------------------------------------------------------
@@ -496,6 +515,40 @@ async def test_agent_stopped_mid_run_ends_run_with_error_then_recovers(make_stac
         assert error["params"]["retryable"] is True
         stack.restart("agent")
         await assert_socket_usable(ws)
+        await assert_nothing_left(http, stack)
+
+
+async def test_silent_agent_ends_run_after_agent_read_timeout_and_run_is_cancelled(make_stack: MakeStack) -> None:
+    """11b. The agent sends nothing for AGENT_READ_TIMEOUT_S (no heartbeat within it, a tool pending):
+    agent_stream_broken reaches the IDE, and the gateway's hang-up ends the run in the agent."""
+    stack = make_stack({"AGENT_READ_TIMEOUT_S": "0.5", "AGENT_HEARTBEAT_S": "30"})
+    async with aiohttp.ClientSession() as http:
+        ws = await connect(http, stack)
+        run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
+        frames: list[Frame] = []
+        await until(ws, is_tool_request, frames)
+        waiting = time.monotonic()
+        error = await until(ws, is_end, frames)
+        assert 0.5 <= time.monotonic() - waiting < 5
+        assert error["method"] == "error" and error["params"]["run_id"] == run_id, error
+        assert error["params"]["code"] == "agent_stream_broken", error
+        await assert_socket_usable(ws)
+        await assert_nothing_left(http, stack)
+
+
+async def test_agent_heartbeat_keeps_a_long_tool_wait_alive(make_stack: MakeStack) -> None:
+    """11c. A tool answer slower than AGENT_READ_TIMEOUT_S: the agent's heartbeats keep the run going."""
+    stack = make_stack({"AGENT_READ_TIMEOUT_S": "0.5", "AGENT_HEARTBEAT_S": "0.1"})
+    async with aiohttp.ClientSession() as http:
+        ws = await connect(http, stack)
+        run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
+        frames: list[Frame] = []
+        request = await until(ws, is_tool_request, frames)
+        await asyncio.sleep(1.5)  # three read timeouts
+        await send(ws, await answer_read_file(request))
+        end = await until(ws, is_end, frames)
+        assert end["method"] == "final" and end["params"]["status"] == "completed", end
+        assert end["params"]["run_id"] == run_id
         await assert_nothing_left(http, stack)
 
 

@@ -47,9 +47,11 @@ from protocol import (
     SSEEvent,
     SSEParser,
     encode_data,
+    dumps,
     encode_event,
     error_response,
     iter_sse,
+    json_event,
     read_chunks,
     notification,
     openai_tool_name,
@@ -137,6 +139,20 @@ async def serve(app: Starlette) -> AsyncIterator[str]:
 def test_encode_event(data: str, event: str | None, id: str | int | None, expected: bytes) -> None:
     """encode_event writes event, id, data in that order, one data line per text line."""
     assert encode_event(data, event=event, id=id) == expected
+
+
+@pytest.mark.parametrize(
+    ("obj", "expected"),
+    [
+        ({"run_id": "r1", "text": "hi"}, b'event: token\nid: 3\ndata: {"run_id":"r1","text":"hi"}\n\n'),
+        ({"text": "a\nb\r\u2028\u00e9"}, b'event: token\nid: 3\ndata: {"text":"a\\nb\\r\xe2\x80\xa8\xc3\xa9"}\n\n'),
+        ({"text": "\ud800"}, b'event: token\nid: 3\ndata: {"text":"\\ud800"}\n\n'),
+    ],
+    ids=["plain", "line-ends-escaped-unicode-raw", "lone-surrogate-escaped"],
+)
+def test_json_event(obj: dict[str, Any], expected: bytes) -> None:
+    """json_event writes the bytes encode_event(dumps(obj)) writes, for any object."""
+    assert json_event("token", obj, 3) == expected == encode_event(dumps(obj), "token", 3)
 
 
 @pytest.mark.parametrize(
