@@ -137,6 +137,7 @@ class Run:
     events: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)  # SSE bytes; None ends
     pending: dict[str, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)  # call id -> answer
     closed_calls: dict[str, str] = field(default_factory=dict)  # call id -> "answered" / "timed out"
+    asked_at: dict[str, float] = field(default_factory=dict)  # call id -> time.monotonic() of its tool_call event
     seq: int = 0
     usage: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
@@ -350,6 +351,7 @@ async def run_tools(run: Run, tool_calls: list[ToolCallSpec]) -> Messages:
             continue
         run.pending[call.id] = asyncio.get_running_loop().create_future()
         run.emit(TOOL_CALL, {"id": call.id, "name": method, "arguments": arguments})
+        run.asked_at[call.id] = time.monotonic()
 
     waiting = {call_id: future for call_id, future in run.pending.items()}
     if waiting:
@@ -474,6 +476,9 @@ async def post_tool_result(request: Request) -> Response:
         return problem(404, f"Run {run.id!r} is not waiting for a tool call {call_id!r}.")
     future.set_result({"result": body["result"]} if "result" in body else {"error": body["error"]})
     run.closed_calls[call_id] = "answered"
+    # the whole round trip as the agent sees it: to the IDE, the IDE's own time, and back (bench.py reads it)
+    waited_ms = (time.monotonic() - run.asked_at.pop(call_id)) * 1000
+    log.info("run %s: tool call %s answered in %.3f ms%s", run.id, call_id, waited_ms, "" if "result" in body else " (error)")
     return JSONResponse({"ok": True})
 
 

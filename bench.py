@@ -25,14 +25,18 @@ What it measures, and how:
    " t0 t1 ... t{N-1}": the gateway coalesces tokens into fewer notifications, so tokens are
    counted in the text, and a token lost, repeated or reordered is an error, not a figure.
 3. Tool round trip: a turn whose model calls read_file once, answered at once by the bench.
-   At the IDE, P = (first token of the model's second reply - first token of its first reply)
-   - (the IDE's own time between receiving the tool request and sending its answer).
-   Directly, the bench replays the same two model requests as a zero-cost agent would: Q =
-   (first reply's [DONE] - its first content) + time to first content of the second request.
-   P - Q is what the pipeline adds around one tool call: tool_call from the agent to the IDE,
-   the answer back to the agent, and the agent's second model request through the proxy.
-   Both intervals start and end at a first token that crossed the whole downstream path, so
-   that path's own latency cancels out. Added pX = pX(P) - pX(Q).
+   As the issue defines it: from the agent emitting `tool_call` to the agent holding the
+   result, minus the IDE's own time (between receiving the tool request and sending its
+   answer). The agent logs the first part for every call ("tool call ID answered in X ms",
+   its own monotonic clock, from queueing the event to resolving the call), the bench reads
+   it from the agent's log and subtracts the second. A direct call has no relay, so this is
+   all added time. Also reported, the whole tool turn: at the IDE, P = (first token of the
+   model's second reply - first token of its first reply) - the IDE's own time; directly, the
+   bench replays the same two model requests as a zero-cost agent would: Q = (first reply's
+   [DONE] - its first content) + time to first content of the second request. P - Q adds the
+   agent's second model request through llm_proxy to the round trip. Both intervals start and
+   end at a first token that crossed the whole downstream path, so that path's latency cancels
+   out. Added pX = pX(P) - pX(Q).
 4. CPU per streamed token: the CPU time of gateway, agent and llm_proxy together (each
    process's own accounting, read through its POSIX process CPU clock: the sum the kernel keeps
    for /proc/<pid>/stat, in nanoseconds instead of 10 ms ticks), over a measurement, divided by
@@ -62,6 +66,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import socket
 import subprocess
@@ -147,6 +152,13 @@ class Service:
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def log_since(self, offset: int) -> tuple[str, int]:
+        """The log's text from byte `offset` on, and the offset of its end."""
+        with self.log_path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+        return data.decode(errors="replace"), offset + len(data)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -492,8 +504,13 @@ async def measure_throughput(http: aiohttp.ClientSession, stack: Stack, runs: in
     }
 
 
-async def tool_turn_pipeline(http: aiohttp.ClientSession, stack: Stack) -> float:
-    """P in seconds: first token of reply 1 to first token of reply 2, less the IDE's tool time."""
+TOOL_ANSWERED = re.compile(r"tool call (\S+) answered in ([0-9.]+) ms")  # agent.post_tool_result's log line
+
+
+async def tool_turn_pipeline(http: aiohttp.ClientSession, stack: Stack) -> tuple[float, float, str]:
+    """P in seconds (first token of reply 1 to first token of reply 2, less the IDE's tool
+    time), the IDE's tool time in seconds, and the tool call's id."""
+    call_id = ""
     async with await connect(http, stack) as ws:
         await send_user_message(ws, TOOL_PROMPT)
         first = asked = answered = second = math.nan
@@ -505,12 +522,12 @@ async def tool_turn_pipeline(http: aiohttp.ClientSession, stack: Stack) -> float
                 elif not math.isnan(answered) and math.isnan(second):
                     second = now
             elif "method" in frame and "id" in frame:  # the tool request: answer it at once
-                asked = now
+                asked, call_id = now, frame["id"]
                 await ws.send_str(result(frame["id"], TOOL_RESULT))
                 answered = time.perf_counter()
     if math.isnan(second):
         raise BenchError("a tool turn ended without the model's second reply")
-    return (second - first) - (answered - asked)
+    return (second - first) - (answered - asked), answered - asked, call_id
 
 
 async def tool_turn_direct(http: aiohttp.ClientSession, url: str) -> float:
@@ -524,23 +541,32 @@ async def tool_turn_direct(http: aiohttp.ClientSession, url: str) -> float:
 
 
 async def measure_tool_round_trip(http: aiohttp.ClientSession, stack: Stack, turns: int) -> dict[str, float]:
-    """P and Q (see the module docstring) over `turns` turns each, alternating which goes first."""
-    pipeline, direct = [], []
+    """The round trip, and P and Q (see the module docstring), over `turns` turns each."""
+    pipeline, direct, round_trip, ide = [], [], [], []
+    _, log_offset = stack["agent"].log_since(0)
     for i in range(WARMUP_TURNS + turns):
         if i % 2:
             d = await tool_turn_direct(http, stack.completions_url)
-            p = await tool_turn_pipeline(http, stack)
+            p, ide_s, call_id = await tool_turn_pipeline(http, stack)
         else:
-            p = await tool_turn_pipeline(http, stack)
+            p, ide_s, call_id = await tool_turn_pipeline(http, stack)
             d = await tool_turn_direct(http, stack.completions_url)
+        text, log_offset = stack["agent"].log_since(log_offset)  # written before the second reply began
+        answered = {found: float(ms) for found, ms in TOOL_ANSWERED.findall(text)}
+        if call_id not in answered:
+            raise BenchError(f"the agent's log has no 'tool call {call_id} answered' line")
         if i >= WARMUP_TURNS:
             pipeline.append(p * 1000)
             direct.append(d * 1000)
+            round_trip.append(answered[call_id] - ide_s * 1000)
+            ide.append(ide_s * 1000)
     figures = {}
     for q in (50, 99):
-        figures[f"tool_rt_pipeline_p{q}_ms"] = percentile(pipeline, q)
-        figures[f"tool_rt_direct_p{q}_ms"] = percentile(direct, q)
-        figures[f"tool_rt_added_p{q}_ms"] = percentile(pipeline, q) - percentile(direct, q)
+        figures[f"tool_rt_added_p{q}_ms"] = percentile(round_trip, q)
+        figures[f"tool_rt_ide_p{q}_ms"] = percentile(ide, q)
+        figures[f"tool_turn_pipeline_p{q}_ms"] = percentile(pipeline, q)
+        figures[f"tool_turn_direct_p{q}_ms"] = percentile(direct, q)
+        figures[f"tool_turn_added_p{q}_ms"] = percentile(pipeline, q) - percentile(direct, q)
     return figures
 
 
@@ -686,7 +712,7 @@ def report(figures: dict[str, float], levels: Sequence[int], quick: bool) -> str
     row = "{:<34}{:>11}{:>11}{:>11}  {:<20}{}"
     lines.append(row.format("", "pipeline", "direct", "added", "target", ""))
 
-    def add(label: str, pipeline: str, direct: str = "", added: str = "", target: str = "", fmt: str = "{:,.2f}") -> None:
+    def add(label: str, pipeline: str = "", direct: str = "", added: str = "", target: str = "", fmt: str = "{:,.2f}") -> None:
         """One row; the mark judges `added` when there is one, else `pipeline` (figure names)."""
         cells = [fmt.format(figures[name]) if name else "" for name in (pipeline, direct, added)]
         judged = added or pipeline
@@ -704,8 +730,11 @@ def report(figures: dict[str, float], levels: Sequence[int], quick: bool) -> str
         add("  CPU per token, 3 services (µs)", "throughput_cpu_us_per_token", fmt="{:,.1f}")
         add("  texts not exactly as sent", "throughput_errors", target="throughput_errors", fmt="{:,.0f}")
     if "tool_rt_added_p50_ms" in figures:
-        add("tool round trip p50 (ms)", "tool_rt_pipeline_p50_ms", "tool_rt_direct_p50_ms", "tool_rt_added_p50_ms", "tool_rt_added_p50_ms")
-        add("tool round trip p99 (ms)", "tool_rt_pipeline_p99_ms", "tool_rt_direct_p99_ms", "tool_rt_added_p99_ms")
+        add("tool round trip p50 (ms)", added="tool_rt_added_p50_ms", target="tool_rt_added_p50_ms")
+        add("tool round trip p99 (ms)", added="tool_rt_added_p99_ms")
+        add("  the IDE's own time, p50 (ms)", "tool_rt_ide_p50_ms")
+        add("  whole tool turn p50 (ms)", "tool_turn_pipeline_p50_ms", "tool_turn_direct_p50_ms", "tool_turn_added_p50_ms")
+        add("  whole tool turn p99 (ms)", "tool_turn_pipeline_p99_ms", "tool_turn_direct_p99_ms", "tool_turn_added_p99_ms")
 
     measured = [n for n in levels if f"n{n}_errors" in figures]
     if measured:

@@ -19,7 +19,8 @@ FIGURES = [
     "throughput_tokens_per_notification",
     "throughput_cpu_us_per_token",
     "throughput_errors",
-    *(f"tool_rt_{path}_p{q}_ms" for path in ("pipeline", "direct", "added") for q in (50, 99)),
+    *(f"tool_rt_{path}_p{q}_ms" for path in ("added", "ide") for q in (50, 99)),
+    *(f"tool_turn_{path}_p{q}_ms" for path in ("pipeline", "direct", "added") for q in (50, 99)),
     *(
         f"n{n}_{name}"
         for n in QUICK_LEVELS
