@@ -565,4 +565,6 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=PORT, help="port to listen on (default: %(default)s)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port)
+    # access_log off: Exchange.done writes the one line per request, and uvicorn's would be written
+    # on the way to every first token (before the response headers)
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
