@@ -12,6 +12,7 @@ import gc
 import random
 import re
 import socket
+import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -335,6 +336,17 @@ def test_random_streams_and_cuts_match_the_spec(seed: int) -> None:
     assert feed_all(chunks) == reference_events(stream), f"stream {stream!r} cut as {chunks!r}"
 
 
+@pytest.mark.parametrize("piece", [b": keep-alive\n", b"data: x\n"], ids=["comments", "data-lines"])
+def test_event_spread_over_many_reads_is_parsed_once(piece: bytes) -> None:
+    """40,000 reads of one event's lines: each line is parsed once, not the whole event again per
+    read (that was quadratic: minutes). The bound is a hang bound, not a speed test."""
+    parser, started = SSEParser(), time.monotonic()
+    events = [event for _ in range(40_000) for event in parser.feed(piece)] + parser.feed(b"data: end\n\n")
+    assert time.monotonic() - started < 5
+    expected = "end" if piece.startswith(b":") else "\n".join(["x"] * 40_000 + ["end"])
+    assert events == [SSEEvent("message", expected)]
+
+
 def test_leading_bom_dropped() -> None:
     """A UTF-8 BOM opening the stream is dropped."""
     assert feed_all([b"\xef\xbb\xbfdata: a\n\n"]) == [SSEEvent("message", "a")]
@@ -571,11 +583,66 @@ async def test_read_chunks_caller_time_between_reads_does_not_count() -> None:
     assert b"".join(got) == b"abc"
 
 
+class Body:
+    """An in-memory body with aiohttp's StreamReader semantics, as far as read_chunks uses them:
+    readany returns what is buffered, else waits; set_exception fails the waiting read, or the next."""
+
+    def __init__(self) -> None:
+        self.total_bytes = 0
+        self.buffered: list[bytes] = []
+        self.ended = False
+        self.exc: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def feed(self, data: bytes) -> None:
+        self.buffered.append(data)
+        self.total_bytes += len(data)
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.exc = exc
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    async def readany(self) -> bytes:
+        if self.exc is not None:
+            raise self.exc
+        if not self.buffered and not self.ended:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        return self.buffered.pop(0) if self.buffered else b""
+
+
+@pytest.mark.asyncio
+async def test_read_chunks_busy_loop_does_not_fail_a_stream_that_talks() -> None:
+    """Bytes that arrive in the same loop turn as an overdue timer (the loop was busy) are not silence."""
+    body = Body()
+    reads = read_chunks(body, 0.2)
+    first = asyncio.ensure_future(anext(reads))
+    await asyncio.sleep(0)  # the read is waiting; the timer is due in 0.2 s
+    loop = asyncio.get_running_loop()
+    loop.call_at(loop.time() + 0.15, body.feed, b"one")
+    time.sleep(0.3)  # block the loop: the data and the timer come due in one turn, the data first
+    assert await first == b"one"
+    body.feed(b"two")
+    body.end()
+    assert [data async for data in reads] == [b"two"]
+
+
 class OneRead:
     """A body that gives one read, then waits forever: enough of aiohttp's StreamReader for read_chunks."""
 
     def __init__(self) -> None:
         self.reads = [b"a"]
+        self.total_bytes = 1
 
     async def readany(self) -> bytes:
         if self.reads:
