@@ -248,7 +248,9 @@ async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
             response = await agent.http.post(f"{LLM_PROXY_URL}/chat/completions", json=body)
         async with response, contextlib.aclosing(read_chunks(response.content, LLM_READ_TIMEOUT_S)) as reads:
             if response.status != 200:
-                raise RunEnded(ERR_LLM, await upstream_message(response), response.status in (408, 409, 429) or response.status >= 500)
+                async with asyncio.timeout(LLM_READ_TIMEOUT_S):  # the error body is read whole: bound it
+                    message = await upstream_message(response)
+                raise RunEnded(ERR_LLM, message, response.status in (408, 409, 429) or response.status >= 500)
             async for chunks in completion_chunks(reads):
                 # chunks that arrived in one read leave as one token event
                 delta_text = "".join(delta_of(chunk, calls, run) for chunk in chunks)
@@ -292,12 +294,12 @@ def parse_chunks(datas: list[str]) -> list[dict[str, Any]]:
     One json.loads for the whole read, as an array: one C call instead of one per token (a
     fifth of this process's CPU at 1,000 streams). Any doubt, and each chunk is parsed alone.
     NOTE: chunks broken so that they mend each other (one cut mid-object, the next finishing
-    it, with a third holding two objects) pass as the objects they add up to; llm_proxy's own
-    check already stops a chunk that does not end in `}`.
+    it, a third holding two objects) pass as the objects they add up to; only a parse per
+    chunk would tell, at the cost this saves. No server we know of writes such a stream.
     """
     try:
         chunks = json.loads("[" + ",".join(datas) + "]")
-    except ValueError:
+    except (ValueError, RecursionError):
         chunks = None
     if isinstance(chunks, list) and len(chunks) == len(datas) and all(isinstance(chunk, dict) for chunk in chunks):
         return chunks
@@ -305,7 +307,7 @@ def parse_chunks(datas: list[str]) -> list[dict[str, Any]]:
     for data in datas:  # the slow way, to name the culprit
         try:
             chunk = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             chunk = None
         if not isinstance(chunk, dict):
             raise RunEnded(ERR_LLM_STREAM, f"The LLM sent a chunk that is not a JSON object: {data[:200]!r}", True)
@@ -389,6 +391,7 @@ async def upstream_message(response: aiohttp.ClientResponse) -> str:
 
 
 def problem(status: int, message: str) -> Response:
+    log.warning("answered %d: %s", status, message)  # uvicorn's access line is off (see __main__)
     return JSONResponse({"error": {"status": status, "message": message}}, status_code=status)
 
 
@@ -474,11 +477,13 @@ async def post_tool_result(request: Request) -> Response:
     future = run.pending.get(call_id)
     if future is None:
         return problem(404, f"Run {run.id!r} is not waiting for a tool call {call_id!r}.")
+    if future.done():  # the run ended (cancelled, say) while this answer was on its way
+        return problem(409, f"Run {run.id!r} stopped waiting for tool call {call_id!r}: it has ended.")
     future.set_result({"result": body["result"]} if "result" in body else {"error": body["error"]})
     run.closed_calls[call_id] = "answered"
     # the whole round trip as the agent sees it: to the IDE, the IDE's own time, and back (bench.py reads it)
     waited_ms = (time.monotonic() - run.asked_at.pop(call_id)) * 1000
-    log.info("run %s: tool call %s answered in %.3f ms%s", run.id, call_id, waited_ms, "" if "result" in body else " (error)")
+    log.info("run %s: tool call %r answered in %.3f ms%s", run.id, call_id, waited_ms, "" if "result" in body else " (error)")
     return JSONResponse({"ok": True})
 
 

@@ -27,7 +27,7 @@ What it measures, and how:
 3. Tool round trip: a turn whose model calls read_file once, answered at once by the bench.
    As the issue defines it: from the agent emitting `tool_call` to the agent holding the
    result, minus the IDE's own time (between receiving the tool request and sending its
-   answer). The agent logs the first part for every call ("tool call ID answered in X ms",
+   answer). The agent logs the first part for every call ("tool call 'ID' answered in X ms",
    its own monotonic clock, from queueing the event to resolving the call), the bench reads
    it from the agent's log and subtracts the second. A direct call has no relay, so this is
    all added time. Also reported, the whole tool turn: at the IDE, P = (first token of the
@@ -504,7 +504,7 @@ async def measure_throughput(http: aiohttp.ClientSession, stack: Stack, runs: in
     }
 
 
-TOOL_ANSWERED = re.compile(r"tool call (\S+) answered in ([0-9.]+) ms")  # agent.post_tool_result's log line
+TOOL_ANSWERED = re.compile(r"tool call (\S+) answered in ([0-9.]+) ms")  # agent.post_tool_result's log line, id as repr()
 
 
 async def tool_turn_pipeline(http: aiohttp.ClientSession, stack: Stack) -> tuple[float, float, str]:
@@ -553,6 +553,7 @@ async def measure_tool_round_trip(http: aiohttp.ClientSession, stack: Stack, tur
             d = await tool_turn_direct(http, stack.completions_url)
         text, log_offset = stack["agent"].log_since(log_offset)  # written before the second reply began
         answered = {found: float(ms) for found, ms in TOOL_ANSWERED.findall(text)}
+        call_id = repr(call_id)
         if call_id not in answered:
             raise BenchError(f"the agent's log has no 'tool call {call_id} answered' line")
         if i >= WARMUP_TURNS:

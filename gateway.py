@@ -139,7 +139,11 @@ class Session:
             await self.fail(run_id, ERR_AGENT_UNAVAILABLE, f"Cannot reach the agent at {AGENT_URL}: {exc.os_error or exc}", True)
         except AgentFailed as exc:
             await self.fail(run_id, ERR_AGENT_UNAVAILABLE, str(exc), exc.retryable)
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+        except aiohttp.ConnectionTimeoutError:
+            await self.fail(run_id, ERR_AGENT_UNAVAILABLE, f"Cannot reach the agent at {AGENT_URL} within {AGENT_CONNECT_TIMEOUT_S:g} s (AGENT_CONNECT_TIMEOUT_S).", True)
+        except TimeoutError:  # before ClientError: aiohttp's own timeouts are both
+            await self.fail(run_id, ERR_AGENT_STREAM, f"The agent sent nothing for {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).", True)
+        except (aiohttp.ClientError, ValueError, KeyError) as exc:
             await self.fail(run_id, ERR_AGENT_STREAM, f"The agent's stream broke off: {exc!r}", True)
         except (WebSocketDisconnect, OSError, RuntimeError):
             pass  # the IDE is gone; close() cancels the run in the agent
@@ -154,7 +158,9 @@ class Session:
             response = await self.http.post(f"{AGENT_URL}/v1/runs", json=body)
         async with response, contextlib.aclosing(read_chunks(response.content, AGENT_READ_TIMEOUT_S)) as reads:
             if response.status != 200:
-                raise AgentFailed(f"The agent refused the run: HTTP {response.status} {await response.text()}", response.status >= 500)
+                async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # the error body is read whole: bound it
+                    text = await response.text()
+                raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500)
             if self.cancelled == run_id:  # the cancel may have reached the agent before the run did
                 await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
             ended = False

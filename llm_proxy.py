@@ -21,8 +21,8 @@ set; else https://api.openai.com/v1 when OPENAI_API_KEY is set; else fake_llm.py
 
 Intentional choices, so that nobody "fixes" them:
 
-1. A stream that breaks after it started (connection cut, a chunk that is not JSON, silence past
-   IDLE_TIMEOUT_S, an end without [DONE]) gets exactly ONE error event,
+1. A stream that breaks after it started (connection cut, a chunk that cannot be one JSON object,
+   see 5; silence past IDLE_TIMEOUT_S; an end without [DONE]) gets exactly ONE error event,
    `data: {"error": {"message", "type", "param", "code"}}`, and then ends WITHOUT `data: [DONE]`:
    [DONE] means "complete", so even a client that ignores the error object sees a cut stream.
    The openai SDK raises APIError on it. An error event from the upstream itself is forwarded
@@ -266,12 +266,12 @@ def checked_chunk(data: str) -> dict[str, Any] | None:
     OpenAI writes `"usage":null` on every chunk but the last when usage was asked for; a
     server that writes it with a space gets every chunk parsed, which is only slower.
     """
-    chunk: Any = None
-    if '"error"' in data or ('"usage"' in data and '"usage":null' not in data):
-        with contextlib.suppress(ValueError):
-            chunk = json.loads(data)
-    elif data.startswith("{") and data.endswith("}"):  # the shape of an object: see choice 5
+    may_matter = '"error"' in data or ('"usage"' in data and '"usage":null' not in data)
+    if not may_matter and data.startswith("{") and data.endswith("}"):  # the shape of an object: see choice 5
         return None
+    chunk: Any = None
+    with contextlib.suppress(ValueError, RecursionError):  # also parsed: what the shape test refused (' {...}')
+        chunk = json.loads(data)
     if not isinstance(chunk, dict):
         message = f"the upstream sent a chunk that is not a JSON object: {data[:200]!r}"
         raise UpstreamError(message, code=ERR_LLM_STREAM)

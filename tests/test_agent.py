@@ -26,6 +26,7 @@ def test_parse_chunks_empty_read() -> None:
         (['{"a":1}', ""], ""),
         (['{"a":1},{"b":2}', '{"c":1}'], '{"a":1},{"b":2}'),  # joined: 3 objects from 2 chunks
         (['{"a":1}', "1,2"], "1,2"),
+        (['{"a":' + "[" * 100_000 + "]" * 100_000 + "}"], '{"a":' + "[" * 195),  # nested past the parser's limit
     ],
 )
 def test_parse_chunks_names_the_first_chunk_that_is_not_an_object(datas: list[str], culprit: str) -> None:

@@ -532,6 +532,7 @@ async def test_silent_agent_ends_run_after_agent_read_timeout_and_run_is_cancell
         assert 0.5 <= time.monotonic() - waiting < 5
         assert error["method"] == "error" and error["params"]["run_id"] == run_id, error
         assert error["params"]["code"] == "agent_stream_broken", error
+        assert "AGENT_READ_TIMEOUT_S" in error["params"]["message"], error
         await assert_socket_usable(ws)
         await assert_nothing_left(http, stack)
 

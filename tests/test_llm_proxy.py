@@ -470,6 +470,26 @@ async def test_chunk_that_cannot_be_an_object_gives_error_event(
     assert error["code"] == "llm_stream_broken" and "not a JSON object" in error["message"]
 
 
+@pytest.mark.parametrize("chunk", [b'data:  {"choices":[]}\n\n', b'data: {"choices":[]} \n\n', b'data: {"choices":[]}\t\n\n'])
+async def test_chunk_with_space_around_its_object_passes(upstream: Serve, proxy: Start, client: aiohttp.ClientSession, chunk: bytes) -> None:
+    """Valid JSON with a space or tab around it fails the cheap shape test, then passes the parse."""
+    fake = await upstream(sse(ROLE, chunk, HELLO))
+    base = await proxy(fake.url)
+    async with client.post(base + "/chat/completions", json=chat()) as resp:
+        assert await resp.read() == ROLE + chunk + HELLO + DONE  # the data value keeps its space
+
+
+async def test_chunk_nested_too_deep_is_an_error_event(upstream: Serve, proxy: Start, client: aiohttp.ClientSession) -> None:
+    """JSON nested past the parser's limit is a broken chunk, not a crash."""
+    deep = b'data: {"error":' + b"[" * 100_000 + b"]" * 100_000 + b"}\n\n"
+    fake = await upstream(sse(ROLE, deep, HELLO))
+    base = await proxy(fake.url)
+    async with client.post(base + "/chat/completions", json=chat()) as resp:
+        body = await resp.read()
+    [error] = error_events(body)
+    assert error["code"] == "llm_stream_broken" and "not a JSON object" in error["message"]
+
+
 async def test_error_key_in_a_broken_chunk_is_caught(upstream: Serve, proxy: Start, client: aiohttp.ClientSession) -> None:
     """A chunk that may be an error event is parsed: broken between its braces, it is garbage."""
     fake = await upstream(sse(ROLE, b'data: {"error": oops}\n\n', HELLO))
