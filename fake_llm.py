@@ -66,6 +66,7 @@ from protocol import DONE, EventStreamResponse, dumps, encode_data
 TOKEN_DELAY_MS = float(os.environ.get("FAKE_LLM_TOKEN_DELAY_MS", "15"))  # pause per chunk; 0 = flat out
 MODEL = os.environ.get("FAKE_LLM_MODEL", "fake-coder")  # the one model id /v1/models lists
 ARG_FRAGMENT = 12  # characters of tool-call arguments per chunk, as a real model cuts them
+FLAT_OUT_BATCH = 64  # with no delay, chunks per write: a model streaming flat out fills TCP segments
 
 # ---------------------------------------------------------------------------------------------
 # The script: what the model says next, given the conversation
@@ -298,20 +299,27 @@ async def stream(stats: Stats, reply: Reply, marks: dict[str, str], completion_i
     finished = False
     try:
         chunks = reply_chunks(reply, completion_id, created, usage is not None)
+        pending: list[bytes] = []  # with no delay, chunks leave FLAT_OUT_BATCH at a time (one write per token is the fake's own limit)
         for i, data in enumerate(chunks):
-            if "stall" in marks and i == int(marks["stall"] or 0):
+            if ("stall" in marks and i == int(marks["stall"] or 0)) or ("drop" in marks and i == int(marks["drop"])):
+                if pending:
+                    yield b"".join(pending)
+                if "drop" in marks:
+                    raise ConnectionAbortedError("fake upstream drops the connection on purpose")
                 await asyncio.Event().wait()  # until the client goes away and we are cancelled
-            if "drop" in marks and i == int(marks["drop"]):
-                raise ConnectionAbortedError("fake upstream drops the connection on purpose")
             if "garbage" in marks and i == int(marks["garbage"]):
-                yield b"data: {this is not json}\n\n"
-                continue
+                data = b"data: {this is not json}\n\n"
             if delay:
                 await asyncio.sleep(delay)
-            yield data
+                yield data
+                continue
+            pending.append(data)
+            if len(pending) == FLAT_OUT_BATCH:
+                yield b"".join(pending)
+                pending = []
         if usage is not None:
-            yield encode_data(dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL, "system_fingerprint": None, "choices": [], "usage": usage}))
-        yield DONE
+            pending.append(encode_data(dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": MODEL, "system_fingerprint": None, "choices": [], "usage": usage})))
+        yield b"".join([*pending, DONE])
         finished = True
     finally:
         stats.active -= 1
