@@ -139,13 +139,28 @@ class Run:
     closed_calls: dict[str, str] = field(default_factory=dict)  # call id -> "answered" / "timed out"
     asked_at: dict[str, float] = field(default_factory=dict)  # call id -> time.monotonic() of its tool_call event
     seq: int = 0
+    last_sent: float = field(default_factory=time.monotonic)  # when the last event was queued (heartbeats count)
     usage: dict[str, int] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
+    heartbeat: asyncio.TimerHandle | None = None  # Run.beat's timer
     started: bool = False
 
     def emit(self, event: str, data: dict[str, Any]) -> None:
         self.seq += 1
         self.events.put_nowait(json_event(event, data, self.seq))
+        self.last_sent = time.monotonic()
+
+    def beat(self) -> None:
+        """Queue a `:` comment if nothing was sent for HEARTBEAT_S, and come back when one may be due.
+
+        One timer per run, re-armed when it fires: an `asyncio.timeout` around every wait for
+        the next event cost a timer per token.
+        """
+        quiet = time.monotonic() - self.last_sent
+        if quiet >= HEARTBEAT_S:
+            self.events.put_nowait(HEARTBEAT)
+            self.last_sent, quiet = time.monotonic(), 0.0
+        self.heartbeat = asyncio.get_running_loop().call_later(HEARTBEAT_S - quiet, self.beat)
 
 
 @dataclass
@@ -435,18 +450,11 @@ def end_unstarted(run: Run, task: asyncio.Task[None]) -> None:
 
 
 async def event_stream(agent: Agent, run: Run) -> AsyncGenerator[bytes, None]:
-    """The run's events as SSE bytes; whatever is queued leaves in one write; `:` when idle."""
+    """The run's events as SSE bytes (Run.beat adds a `:` when idle); what is queued leaves in one write."""
+    run.beat()
     try:
         while True:
-            if run.events.empty():  # arm the heartbeat timer only when there is nothing to send
-                try:
-                    async with asyncio.timeout(HEARTBEAT_S):
-                        first = await run.events.get()
-                except TimeoutError:
-                    yield HEARTBEAT
-                    continue
-            else:
-                first = run.events.get_nowait()
+            first = await run.events.get()
             batch, ended = [first], first is None
             while not ended and not run.events.empty():
                 item = run.events.get_nowait()
@@ -457,7 +465,8 @@ async def event_stream(agent: Agent, run: Run) -> AsyncGenerator[bytes, None]:
                 return
     finally:
         # reached when the run ended, and also when the gateway went away mid-run: no orphans
-        assert run.task is not None
+        assert run.heartbeat is not None and run.task is not None
+        run.heartbeat.cancel()
         if not run.task.done():
             run.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
