@@ -435,9 +435,8 @@ async def start_run(request: Request) -> Response:
     agent.busy_sessions.add(run.session_id)
     run.task = asyncio.create_task(run_turn(agent, run))
     run.task.add_done_callback(lambda task: end_unstarted(run, task))
-    # Yield once, so that the run sends its model request before our response headers go out:
-    # they (and the gateway waking for them) were ahead of it on every run's way to its first
-    # token. Measured with both orders side by side: the first token 0.16 to 0.31 ms sooner.
+    # Yield once: the run's model request leaves before our headers (and the gateway waking for
+    # them), which were in its way. Measured side by side: the first token 0.16 to 0.31 ms sooner.
     await asyncio.sleep(0)
     return EventStreamResponse(event_stream(agent, run), headers={"X-Run-Id": run.id})
 
