@@ -151,11 +151,9 @@ class Run:
         self.last_sent = time.monotonic()
 
     def beat(self) -> None:
-        """Queue a `:` comment if nothing was sent for HEARTBEAT_S, and come back when one may be due.
+        """Queue a `:` comment after HEARTBEAT_S of silence, and come back when the next may be due.
 
-        One timer per run, re-armed when it fires: an `asyncio.timeout` around every wait for
-        the next event cost a timer per token.
-        """
+        One timer per run, re-armed when it fires (an asyncio.timeout per wait cost one per token)."""
         quiet = time.monotonic() - self.last_sent
         if quiet >= HEARTBEAT_S:
             self.events.put_nowait(HEARTBEAT)
@@ -327,6 +325,8 @@ def parse_chunks(datas: list[str]) -> list[dict[str, Any]]:
         if not isinstance(chunk, dict):
             raise RunEnded(ERR_LLM_STREAM, f"The LLM sent a chunk that is not a JSON object: {data[:200]!r}", True)
         chunks.append(chunk)
+        if "error" in chunk:  # the stream's own error event ends it: what follows is not read
+            break
     return chunks
 
 

@@ -35,3 +35,9 @@ def test_parse_chunks_names_the_first_chunk_that_is_not_an_object(datas: list[st
         parse_chunks(datas)
     assert raised.value.code == ERR_LLM_STREAM and raised.value.retryable
     assert raised.value.message == f"The LLM sent a chunk that is not a JSON object: {culprit!r}"
+
+
+def test_parse_chunks_error_event_before_a_bad_chunk_wins() -> None:
+    """An error event, then garbage in the same read: the error event is what the run reports."""
+    error = '{"error":{"message":"overloaded","type":"server_error"}}'
+    assert parse_chunks(['{"a":1}', error, "{not json"]) == [{"a": 1}, {"error": {"message": "overloaded", "type": "server_error"}}]
