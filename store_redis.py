@@ -333,7 +333,8 @@ def redis_errors(lease: Lease | None = None) -> Iterator[None]:
 class RedisStore:
     """agent.Store on one Redis: shared by every agent process that points at it."""
 
-    def __init__(self, url: str, prefix: str = REDIS_PREFIX, lease_s: float = AGENT_LEASE_S, ttl_s: float = SESSION_TTL_S) -> None:
+    def __init__(self, url: str, prefix: str = REDIS_PREFIX, lease_s: float = AGENT_LEASE_S, ttl_s: float = SESSION_TTL_S,
+                 reader_ttl_s: float = READER_TTL_S) -> None:
         # retries=0: a command that failed after it was sent may have run; sending it again could double an event
         self.redis = redis.Redis.from_url(
             url,
@@ -348,6 +349,7 @@ class RedisStore:
         self.prefix = prefix
         self.lease_ms = int(lease_s * 1000)
         self.ttl_s = max(1, math.ceil(ttl_s))
+        self.reader_ttl_ms = int(reader_ttl_s * 1000)
         script = self.redis.register_script  # EVALSHA, loading the script again after a Redis restart
         self.open_run_script = script(HELPERS + OPEN_RUN)
         self.renew_script = script(HELPERS + RENEW)
@@ -450,7 +452,7 @@ class RedisStore:
         return found == 1
 
     async def attach(self, session_id: str, last_seq: int, attach_id: str) -> Attachment:
-        args = [last_seq, ATTACH, dumps({"attach_id": attach_id}), attach_id, int(READER_TTL_S * 1000), self.ttl_s]
+        args = [last_seq, ATTACH, dumps({"attach_id": attach_id}), attach_id, self.reader_ttl_ms, self.ttl_s]
         with redis_errors():
             reply = await self.attach_script(keys=self.keys(session_id), args=args)
         if reply[0] == "unknown":
@@ -475,7 +477,7 @@ class RedisStore:
 
     async def keep_attached(self, session_id: str, attach_id: str) -> None:
         with redis_errors():
-            await self.keep_attached_script(keys=self.keys(session_id), args=[attach_id, int(READER_TTL_S * 1000), self.ttl_s])
+            await self.keep_attached_script(keys=self.keys(session_id), args=[attach_id, self.reader_ttl_ms, self.ttl_s])
 
     async def detach(self, session_id: str, attach_id: str) -> None:
         with redis_errors():

@@ -6,7 +6,8 @@
     server.start()                          # again, on the same port, empty
 
 Nothing is written to disk (`--save "" --appendonly no`), so a restarted server starts empty,
-as a Redis that lost its memory would. Needs `redis-server` on PATH (Debian: apt install
+as a Redis that lost its memory would. DEBUG is allowed from loopback, for tests that stall
+the server (`DEBUG SLEEP 2`). Needs `redis-server` on PATH (Debian: apt install
 redis-server); a test module that needs it skips itself when it is missing.
 """
 
@@ -55,7 +56,8 @@ class RedisServer:
     def start(self) -> None:
         """Start (or start again) on self.port; return once PING answers."""
         assert self.process is None or self.process.poll() is not None, "already running"
-        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        command = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                   "--enable-debug-command", "local"]  # tests stall it with DEBUG SLEEP
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, cwd=self.log_path.parent, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_TIMEOUT_S
