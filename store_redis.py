@@ -334,12 +334,12 @@ class RedisStore:
     """agent.Store on one Redis: shared by every agent process that points at it."""
 
     def __init__(self, url: str, prefix: str = REDIS_PREFIX, lease_s: float = AGENT_LEASE_S, ttl_s: float = SESSION_TTL_S,
-                 reader_ttl_s: float = READER_TTL_S) -> None:
+                 reader_ttl_s: float = READER_TTL_S, socket_timeout_s: float = SOCKET_TIMEOUT_S) -> None:
         # retries=0: a command that failed after it was sent may have run; sending it again could double an event
         self.redis = redis.Redis.from_url(
             url,
             decode_responses=True,
-            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_timeout=socket_timeout_s,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             retry=Retry(NoBackoff(), 0),
             # off: with it on, a pooled connection is not checked before use, so the first
@@ -350,6 +350,7 @@ class RedisStore:
         self.lease_ms = int(lease_s * 1000)
         self.ttl_s = max(1, math.ceil(ttl_s))
         self.reader_ttl_ms = int(reader_ttl_s * 1000)
+        self.max_block_s = min(MAX_BLOCK_S, socket_timeout_s / 2)  # a blocked read must end before the socket times out
         script = self.redis.register_script  # EVALSHA, loading the script again after a Redis restart
         self.open_run_script = script(HELPERS + OPEN_RUN)
         self.renew_script = script(HELPERS + RENEW)
@@ -403,7 +404,7 @@ class RedisStore:
         # Only the run's owner reads its inbox, and it deletes what it has read: a message read
         # twice (the XDEL failed) is harmless, an answer resolves its call once.
         key = self.keys(lease.session_id, lease.run_id)[8]
-        block = max(1, int(min(timeout_s, MAX_BLOCK_S) * 1000)) if timeout_s > 0 else None
+        block = max(1, int(min(timeout_s, self.max_block_s) * 1000)) if timeout_s > 0 else None
         with redis_errors(lease):
             reply = await self.redis.xread({key: "0-0"}, block=block)
             if not reply:
@@ -466,7 +467,7 @@ class RedisStore:
 
     async def read(self, session_id: str, after: Pos, timeout_s: float) -> list[Entry]:
         keys = self.keys(session_id)
-        block = max(1, int(min(timeout_s, MAX_BLOCK_S) * 1000)) if timeout_s > 0 else None
+        block = max(1, int(min(timeout_s, self.max_block_s) * 1000)) if timeout_s > 0 else None
         with redis_errors():
             reply = await self.redis.xread({keys[1]: log_id(after)}, count=READ_COUNT, block=block)
             if not reply and not await self.redis.exists(keys[0]):

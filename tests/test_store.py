@@ -550,6 +550,41 @@ async def test_redis_stalling_loses_and_doubles_nothing(redis_server: RedisServe
         await store.close()
 
 
+async def test_a_timed_out_command_is_reported_not_sent_again(redis_server: RedisServer) -> None:
+    """An append that times out in a stall raises StoreUnavailable at once: it may have run, so it is not resent.
+
+    (Here Redis drops it with the closed connection; a resend could have doubled a tool_call,
+    whose id Redis numbers, had the first one run and only its reply been lost.)"""
+    store = RedisStore(redis_server.url, prefix=new_prefix(), socket_timeout_s=0.5)
+    admin = redis_sync.Redis.from_url(redis_server.url)
+    try:
+        lease = await start(store)
+        stall = asyncio.create_task(asyncio.to_thread(admin.execute_command, "DEBUG", "SLEEP", "1.5"))
+        await asyncio.sleep(0.1)
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            await store.append(lease, TOOL_CALL, call("c1"))
+        assert time.monotonic() - began < 1
+        await stall
+        await asyncio.sleep(0.3)  # anything resent would have run by now
+        assert [e.kind for e in await store.read("s1", (0, 1), 0)].count(TOOL_CALL) <= 1
+    finally:
+        admin.close()
+        await store.close()
+
+
+async def test_a_wait_longer_than_the_socket_timeout_is_no_error(redis_server: RedisServer) -> None:
+    """inbox and read block for at most half the socket timeout: a longer wait returns early, empty, not StoreUnavailable."""
+    store = RedisStore(redis_server.url, prefix=new_prefix(), socket_timeout_s=0.5)
+    try:
+        lease = await start(store)
+        after = (await store.read("s1", (0, 0), 0))[-1].pos
+        assert await store.inbox(lease, 2) == []
+        assert await store.read("s1", after, 2) == []
+    finally:
+        await store.close()
+
+
 async def test_every_key_is_prefixed_and_expires(redis_server: RedisServer) -> None:
     """After a whole session (runs, calls, answers, cancels, history, readers, a lost run), every key has a TTL."""
     prefix = new_prefix()
