@@ -4,18 +4,25 @@
 
 Run:  python gateway.py [--host 127.0.0.1] [--port 8000]     or  uvicorn gateway:app --port 8000
 
-One WebSocket at `/ws` is one session (one conversation). The gateway checks the token, answers
+A socket holds one session (one conversation) at a time. The gateway checks the token, answers
 `user_message` at once with {"session_id", "run_id"}, opens `POST /v1/runs` on the agent and
-relays its SSE events: `token`, `final` and `error` become notifications (numbered by `seq`);
-`tool_call` becomes a JSON-RPC request to the IDE named after the tool, whose response is posted
-back to the agent. `cancel` and a closed socket both cancel the run in the agent.
+relays its SSE events: `token`, `final` and `error` become notifications (their data, which
+carries the session's `seq`, is relayed as `params` unchanged); `tool_call` becomes a JSON-RPC
+request to the IDE named after the tool, whose response is posted back to the agent.
+
+A session outlives its socket (CONTRACT v2). `resume {"session_id", "last_seq"}` on any socket of
+any gateway re-attaches with `GET /v1/sessions/{id}/events`: the missed notifications, the tool
+requests still waiting (original ids), then the live run. The gateway keeps nothing a resume on
+another gateway would need: all of it is in the agent's session log. A close with code 1000
+cancels the socket's run; any other ending only detaches it (the agent cancels it after
+RESUME_GRACE_S if nobody resumes). A newer socket resuming the session closes this one with 4409.
 
 Auth: `Authorization: Bearer <token>` or `?token=`. With GATEWAY_TOKEN unset a random token is
 made at start and written, mode 0600, to protocol.token_file(port) for ide.py to find; its path
 is logged, never the token. A bad token gets the socket closed with 4401 before any frame is read.
 
-Left out: several sessions per socket, resuming a session after a reconnect, rate limits, TLS
-(run it behind a proxy that terminates TLS if it must leave localhost).
+Left out: several sessions per socket, rate limits, TLS (run it behind a proxy that terminates
+TLS if it must leave localhost).
 """
 
 from __future__ import annotations
@@ -29,13 +36,11 @@ import logging
 import os
 import re
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -44,25 +49,42 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
     CANCEL,
+    CANCEL_PATH,
+    CANCELLING,
     ERR_AGENT_STREAM,
     ERR_AGENT_UNAVAILABLE,
+    ERR_INTERNAL,
+    ERR_SESSION_BUSY,
     ERROR,
-    FINAL,
+    EVENTS_PATH,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    LAST_EVENT_ID,
+    LAST_SEQ_HEADER,
     METHOD_NOT_FOUND,
     NO_ACTIVE_RUN,
+    NOTIFICATIONS,
+    RESUME,
+    RUN_ID_HEADER,
     RUN_IN_PROGRESS,
+    RUNS_PATH,
+    SEQ_TOO_OLD,
+    SUPERSEDED,
     TOKEN,
     TOOL_CALL,
+    TOOL_RESULTS_PATH,
+    UNKNOWN_SESSION,
     USER_MESSAGE,
+    WS_NORMAL,
+    WS_SUPERSEDED,
     WS_UNAUTHORIZED,
     Message,
     RpcError,
+    SSEEvent,
     iter_sse,
     notification,
-    notification_spliced,
+    notification_relayed,
     parse_message,
     read_chunks,
     request,
@@ -74,37 +96,64 @@ from protocol import (
 # Config
 # ---------------------------------------------------------------------------------------------
 
-AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8001")  # the agent runtime's base URL
-MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)))  # larger frames get -32600
+AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8001")  # the agent runtime's base URL (or a balancer)
+MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)))  # larger frames close the socket (1009)
 AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5"))  # reaching the agent
 AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
+REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row before the gateway reports it
 
 SHORT_CALL = aiohttp.ClientTimeout(total=AGENT_READ_TIMEOUT_S, connect=AGENT_CONNECT_TIMEOUT_S)  # tool results, cancel
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # the agent's id rule: a session id must match it
 
 log = logging.getLogger("gateway")
 
+
+def clip(value: Any, limit: int = 80) -> str:
+    """repr() for a log line, cut: an id from the IDE may be a megabyte long."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
 # ---------------------------------------------------------------------------------------------
-# One socket, one session
+# One socket: the session it holds and the run it relays
 # ---------------------------------------------------------------------------------------------
+
+
+class AgentFailed(Exception):
+    """The agent answered, but not with a stream: why, and whether sending again can help."""
+
+    def __init__(self, message: str, retryable: bool, code: str = ERR_AGENT_UNAVAILABLE) -> None:
+        super().__init__(message)
+        self.message, self.retryable, self.code = message, retryable, code
+
+
+class StreamBroke(Exception):
+    """The agent's stream ended before the run's final or error: re-attach, then report."""
+
+
+class Superseded(Exception):
+    """A newer socket resumed this session."""
 
 
 @dataclass
-class Session:
-    """The state of one IDE connection. Only the relay task and the reader touch it."""
+class Relay:
+    """The run this socket relays, from user_message or resume until its final or error reaches the IDE."""
+
+    run_id: str | None  # None: a resume of a session with no run in progress (replay only)
+    task: asyncio.Task[None] | None = None
+    tool_calls: set[str] = field(default_factory=set)  # ids of tool requests the IDE still owes
+    cancel_sent: bool = False  # the IDE asked to cancel; sent again once the agent has the run
+
+
+@dataclass
+class Link:
+    """The state of one IDE connection: which session it holds, and its relay, if a run is going."""
 
     ws: WebSocket
     http: aiohttp.ClientSession
-    id: str = field(default_factory=lambda: "ses_" + uuid.uuid4().hex[:16])
-    seq: int = 0
-    run_id: str | None = None  # the run in progress, if any
-    relay: asyncio.Task[None] | None = None
-    running: bool = False  # from user_message until the run's final or error reached the IDE
-    tool_calls: set[str] = field(default_factory=set)  # ids of tool requests the IDE still owes
-    cancelled: str | None = None  # the run the IDE asked to cancel
-
-    async def notify(self, method: str, params: dict[str, Any]) -> None:
-        self.seq += 1
-        await self.ws.send_text(notification(method, {**params, "seq": self.seq}))
+    session_id: str | None = None  # set by the first user_message or a resume
+    last_seq: int = 0  # the newest seq relayed to the IDE: where a re-attach starts
+    relay: Relay | None = None
 
     async def handle(self, message: Message) -> None:
         """Act on one checked frame from the IDE; raise RpcError for what deserves an answer."""
@@ -114,130 +163,230 @@ class Session:
             await self.user_message(message)
         elif message.method == CANCEL:
             await self.cancel(message)
+        elif message.method == RESUME:
+            await self.resume(message)
         else:
-            raise RpcError(METHOD_NOT_FOUND, f"Method not found: {message.method!r}; expected {USER_MESSAGE!r} or {CANCEL!r}", message.id)
+            raise RpcError(METHOD_NOT_FOUND, f"Method not found: {message.method[:100]!r}; expected {USER_MESSAGE!r}, {CANCEL!r} or {RESUME!r}", message.id)
 
     async def user_message(self, message: Message) -> None:
         content = message.params.get("content")
         if not isinstance(content, str) or not content.strip():
             raise RpcError(INVALID_PARAMS, 'Invalid params: user_message needs {"content": non-empty string}', message.id)
-        if self.running:
-            raise RpcError(RUN_IN_PROGRESS, f"Run {self.run_id} is still in progress; send cancel or wait for its final.", message.id, {"run_id": self.run_id})
-        self.run_id = "run_" + uuid.uuid4().hex[:16]
-        self.tool_calls.clear()
+        if self.relay is not None:
+            raise RpcError(RUN_IN_PROGRESS, f"Run {self.relay.run_id} is still in progress; send cancel or wait for its final.", message.id, {"run_id": self.relay.run_id})
+        self.session_id = self.session_id or "ses_" + secrets.token_hex(16)  # 128 random bits: with the token, the key to resume
+        run_id = "run_" + secrets.token_hex(8)
         if message.kind == "request":
-            await self.ws.send_text(result(message.id, {"session_id": self.id, "run_id": self.run_id}))
-        self.running = True
-        self.relay = asyncio.create_task(self.relay_run(self.run_id, content))
+            await self.ws.send_text(result(message.id, {"session_id": self.session_id, "run_id": run_id}))
+        self.relay = Relay(run_id)
+        self.relay.task = asyncio.create_task(self.run_relay(self.relay, content=content))
 
-    async def relay_run(self, run_id: str, content: str) -> None:
-        """Stream one run from the agent to the IDE; always ends with one final or error."""
+    async def resume(self, message: Message) -> None:
+        session_id, last_seq = message.params.get("session_id"), message.params.get("last_seq")
+        if not (isinstance(session_id, str) and ID_PATTERN.fullmatch(session_id)) or not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
+            raise RpcError(INVALID_PARAMS, 'Invalid params: resume needs {"session_id": str, "last_seq": int >= 0}', message.id)
+        if self.relay is not None:
+            raise RpcError(RUN_IN_PROGRESS, f"Run {self.relay.run_id} is still in progress on this socket.", message.id, {"run_id": self.relay.run_id})
         try:
-            if not await self.stream_from_agent(run_id, content):
-                await self.fail(run_id, ERR_AGENT_STREAM, "The agent's stream ended without a final or error event.", True)
-        except aiohttp.ClientConnectorError as exc:
-            await self.fail(run_id, ERR_AGENT_UNAVAILABLE, f"Cannot reach the agent at {AGENT_URL}: {exc.os_error or exc}", True)
+            response = await self.open_events(session_id, last_seq)
         except AgentFailed as exc:
-            await self.fail(run_id, ERR_AGENT_UNAVAILABLE, str(exc), exc.retryable)
-        except aiohttp.ConnectionTimeoutError:
-            await self.fail(run_id, ERR_AGENT_UNAVAILABLE, f"Cannot reach the agent at {AGENT_URL} within {AGENT_CONNECT_TIMEOUT_S:g} s (AGENT_CONNECT_TIMEOUT_S).", True)
-        except TimeoutError:  # before ClientError: aiohttp's own timeouts are both
-            await self.fail(run_id, ERR_AGENT_STREAM, f"The agent sent nothing for {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).", True)
-        except (aiohttp.ClientError, ValueError, KeyError) as exc:
-            await self.fail(run_id, ERR_AGENT_STREAM, f"The agent's stream broke off: {exc!r}", True)
+            raise RpcError(INTERNAL_ERROR, exc.message, message.id, {"retryable": exc.retryable}) from None
+        except UnknownSessionError:
+            raise RpcError(UNKNOWN_SESSION, f"Unknown or expired session {session_id!r}.", message.id) from None
+        except SeqTooOldError as exc:
+            raise RpcError(SEQ_TOO_OLD, f"last_seq {last_seq} is older than what session {session_id!r} keeps.", message.id, {"oldest_seq": exc.oldest_seq}) from None
+        run_id = response.headers.get(RUN_ID_HEADER) or None
+        self.session_id, self.last_seq = session_id, last_seq
+        await self.ws.send_text(result(message.id, {"session_id": session_id, "run_id": run_id, "last_seq": int(response.headers.get(LAST_SEQ_HEADER, last_seq))}))
+        self.relay = Relay(run_id)
+        self.relay.task = asyncio.create_task(self.run_relay(self.relay, response=response))
+
+    async def run_relay(self, relay: Relay, content: str | None = None, response: aiohttp.ClientResponse | None = None) -> None:
+        """Relay one run to the IDE until its final or error; the relay's whole life.
+
+        The stream comes from `POST /v1/runs` (content) or a resume (response). When it breaks
+        before the run's end, re-attach from the last seq relayed (any agent replica may answer);
+        only when that fails too does the IDE get an error of the gateway's own (no seq).
+        """
+        assert self.session_id is not None
+        failure: AgentFailed | None = None
+        try:
+            if response is None:
+                response = await self.open_run(relay, content or "")
+            broken = 0
+            while True:
+                try:
+                    if await self.pump(relay, response):
+                        return
+                    raise StreamBroke("The agent's stream ended before the run's final or error.")
+                except StreamBroke as exc:
+                    broken += 1
+                    if broken > REATTACH_TRIES or relay.run_id is None:
+                        raise AgentFailed(str(exc), True, ERR_AGENT_STREAM) from None
+                    log.info("session %s: %s; re-attaching from seq %d", self.session_id, exc, self.last_seq)
+                    response = await self.open_events(self.session_id, self.last_seq)
+        except AgentFailed as exc:
+            failure = exc
+        except (UnknownSessionError, SeqTooOldError):
+            failure = AgentFailed("The agent no longer has this session: its run cannot be followed.", True, ERR_AGENT_STREAM)
+        except Superseded:
+            log.info("session %s: taken over by a newer socket", self.session_id)
+            self.relay, self.session_id = None, None  # no longer ours: closing must not cancel anything
+            with contextlib.suppress(RuntimeError, OSError):
+                await self.ws.close(WS_SUPERSEDED, "session taken over: another connection resumed it")
         except (WebSocketDisconnect, OSError, RuntimeError):
-            pass  # the IDE is gone; close() cancels the run in the agent
+            pass  # the IDE is gone: a detach; the agent's grace rule decides
+        except Exception as exc:  # a bug: say so, rather than leave the IDE waiting
+            log.exception("session %s: relay failed", self.session_id)
+            failure = AgentFailed(f"Gateway bug: {exc!r}"[:500], False, ERR_INTERNAL)
         finally:
-            self.running = False
-            self.tool_calls.clear()
+            if self.relay is relay:
+                self.relay = None
+        if failure is not None and relay.run_id is not None:
+            log.warning("session %s run %s: %s: %s", self.session_id, relay.run_id, failure.code, failure.message)
+            if failure.code == ERR_AGENT_STREAM:  # we stop following it: stop it, so both sides agree it is over
+                await self.post_agent(CANCEL_PATH.format(run_id=relay.run_id), {})
+            with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # the IDE may be gone too
+                await self.ws.send_text(notification(ERROR, {"run_id": relay.run_id, "code": failure.code, "message": failure.message, "retryable": failure.retryable}))
 
-    async def stream_from_agent(self, run_id: str, content: str) -> bool:
-        """Relay the agent's events until final or error; False if the stream ended before one."""
-        body = {"session_id": self.id, "run_id": run_id, "content": content}
-        async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # for the answer to start; then read_chunks times the body
-            response = await self.http.post(f"{AGENT_URL}/v1/runs", json=body)
-        async with response, contextlib.aclosing(read_chunks(response.content, AGENT_READ_TIMEOUT_S)) as reads:
-            if response.status != 200:
-                async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # the error body is read whole: bound it
-                    text = await response.text()
-                raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500)
-            if self.cancelled == run_id:  # the cancel may have reached the agent before the run did
-                await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
-            ended = False
-            async for events in iter_sse(reads):
-                for event in events:  # after the end, read on to EOF: a fully read response frees its connection
-                    if not ended:
-                        ended = await self.relay_event(event.event, event.data)
-        return ended
+    async def open_run(self, relay: Relay, content: str) -> aiohttp.ClientResponse:
+        body = {"session_id": self.session_id, "run_id": relay.run_id, "content": content}
+        response = await self.agent_stream("POST", RUNS_PATH, json=body)
+        if response.status == 409:
+            text = await bounded_text(response)
+            raise AgentFailed(f"This session's previous run is still ending; send the message again. ({text})", True, ERR_SESSION_BUSY)
+        if response.status != 200:
+            text = await bounded_text(response)
+            raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500)
+        if relay.cancel_sent and relay.run_id:  # the cancel may have reached the agent before the run did
+            await self.post_agent(CANCEL_PATH.format(run_id=relay.run_id), {})
+        return response
 
-    async def relay_event(self, event: str, data: str) -> bool:
-        """Pass one agent event (its data: one JSON object) on to the IDE. True when it ends the run."""
-        if event == TOKEN:  # {"run_id", "text"}: relayed as text, never decoded (see notification_spliced)
-            self.seq += 1
-            await self.ws.send_text(notification_spliced(TOKEN, data, self.seq))
-            return False
-        if event == TOOL_CALL:  # {"id", "name", "arguments"}
-            call = json.loads(data)
-            self.tool_calls.add(call["id"])
+    async def open_events(self, session_id: str, last_seq: int) -> aiohttp.ClientResponse:
+        response = await self.agent_stream("GET", EVENTS_PATH.format(session_id=session_id), headers={LAST_EVENT_ID: str(last_seq)})
+        if response.status == 200:
+            return response
+        body = await bounded_text(response)
+        if response.status == 404:
+            raise UnknownSessionError()
+        if response.status == 410:
+            try:
+                oldest = json.loads(body)["error"]["oldest_seq"]
+            except (ValueError, KeyError, TypeError):
+                oldest = None
+            raise SeqTooOldError(oldest)
+        raise AgentFailed(f"The agent refused to re-attach: HTTP {response.status} {body}", response.status >= 500)
+
+    async def agent_stream(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """Open a stream on the agent; its transport errors become AgentFailed or StreamBroke."""
+        try:
+            async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # for the answer to start; then read_chunks times the body
+                return await self.http.request(method, AGENT_URL + path, **kwargs)
+        except aiohttp.ClientConnectorError as exc:
+            raise AgentFailed(f"Cannot reach the agent at {AGENT_URL}: {exc.os_error or exc}", True) from None
+        except aiohttp.ConnectionTimeoutError:
+            raise AgentFailed(f"Cannot reach the agent at {AGENT_URL} within {AGENT_CONNECT_TIMEOUT_S:g} s (AGENT_CONNECT_TIMEOUT_S).", True) from None
+        except TimeoutError:
+            raise AgentFailed(f"The agent did not answer within {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).", True) from None
+        except aiohttp.ClientError as exc:
+            raise AgentFailed(f"The agent's answer broke off: {exc!r}", True) from None
+
+    async def pump(self, relay: Relay, response: aiohttp.ClientResponse) -> bool:
+        """Relay one stream's events; True once the run's final or error has reached the IDE."""
+        try:
+            async with response, contextlib.aclosing(read_chunks(response.content, AGENT_READ_TIMEOUT_S)) as reads:
+                ended = False
+                async for events in iter_sse(reads):
+                    for event in events:  # after the end, read on to EOF: a fully read response frees its connection
+                        if not ended:
+                            ended = await self.relay_event(relay, event)
+                return ended or relay.run_id is None
+        except TimeoutError:
+            raise StreamBroke(f"The agent sent nothing for {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).") from None
+        except (aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
+            raise StreamBroke(f"The agent's stream broke off: {exc!r}") from None
+
+    async def relay_event(self, relay: Relay, event: SSEEvent) -> bool:
+        """Pass one agent event on to the IDE. True when it ends the run."""
+        if event.event in NOTIFICATIONS:  # data: {"run_id", "seq", ...}, relayed as params unchanged
+            if event.id:  # per WHATWG the last id seen; an error the agent could not log has none of its own
+                self.last_seq = int(event.id)
+            ended = event.event != TOKEN
+            if ended and self.relay is relay:
+                self.relay = None  # before the send: the IDE may answer the final with a new message at once
+            await self.ws.send_text(notification_relayed(event.event, event.data))
+            return ended
+        if event.event == TOOL_CALL:  # {"id", "name", "arguments"}
+            call = json.loads(event.data)
+            relay.tool_calls.add(call["id"])
             await self.ws.send_text(request(call["id"], call["name"], call["arguments"]))
             return False
-        if event in (FINAL, ERROR):
-            self.running = False  # before the send: the IDE may answer the final with a new message at once
-            await self.notify(event, json.loads(data))
-            return True
-        log.warning("ignoring unknown agent event %r", event)
+        if event.event == SUPERSEDED:
+            raise Superseded()
+        log.warning("ignoring unknown agent event %s", clip(event.event))
         return False
 
-    async def fail(self, run_id: str, code: str, message: str, retryable: bool) -> None:
-        self.running = False
-        log.warning("run %s: %s: %s", run_id, code, message)
-        with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # the IDE may be gone too
-            await self.notify(ERROR, {"run_id": run_id, "code": code, "message": message, "retryable": retryable})
-
     async def tool_response(self, message: Message) -> None:
-        """The IDE answered a tool request: hand it to the agent."""
-        if message.id not in self.tool_calls:
-            log.warning("response to an unknown request id %r ignored", message.id)
+        """The IDE answered a tool request: hand it to the agent (the first answer per id wins there)."""
+        relay = self.relay
+        if relay is None or relay.run_id is None or not isinstance(message.id, str) or message.id not in relay.tool_calls:
+            log.warning("session %s: response to an unknown request id %s ignored", self.session_id, clip(message.id))
             return
-        self.tool_calls.discard(str(message.id))
+        relay.tool_calls.discard(message.id)
         body: dict[str, Any] = {"tool_call_id": message.id}
         body.update({"error": message.error} if message.error is not None else {"result": message.result})
-        await self.post_agent(f"/v1/runs/{self.run_id}/tool_results", body)
+        await self.post_agent(TOOL_RESULTS_PATH.format(run_id=relay.run_id), body)
 
     async def cancel(self, message: Message) -> None:
-        run_id = message.params.get("run_id", self.run_id)
-        if not self.running or run_id != self.run_id:
+        relay = self.relay
+        run_id = message.params.get("run_id", relay.run_id if relay else None)
+        if relay is None or relay.run_id is None or run_id != relay.run_id:
             if message.kind == "request":
-                raise RpcError(NO_ACTIVE_RUN, f"No run {run_id!r} is in progress on this socket.", message.id)
+                raise RpcError(NO_ACTIVE_RUN, f"No run {clip(run_id)} is in progress on this socket.", message.id)
             return
-        self.cancelled = run_id
-        await self.post_agent(f"/v1/runs/{run_id}/cancel", {})
+        relay.cancel_sent = True
+        await self.post_agent(CANCEL_PATH.format(run_id=run_id), {})
         if message.kind == "request":
-            await self.ws.send_text(result(message.id, {"run_id": run_id, "status": "cancelling"}))
+            await self.ws.send_text(result(message.id, {"run_id": run_id, "status": CANCELLING}))
 
     async def post_agent(self, path: str, body: dict[str, Any]) -> None:
         """A short call to the agent; failures are logged, the run's stream reports the rest."""
         try:
             async with self.http.post(AGENT_URL + path, json=body, timeout=SHORT_CALL) as response:
                 if response.status != 200:
-                    log.warning("agent %s answered %s: %s", path, response.status, await response.text())
+                    log.warning("agent %s answered %s: %s", path, response.status, await bounded_text(response))
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("agent %s failed: %r", path, exc)
 
-    async def close(self) -> None:
-        """The socket is gone: stop the run so nothing is left waiting for this IDE."""
-        if self.running:
-            await self.post_agent(f"/v1/runs/{self.run_id}/cancel", {})
-        if self.relay is not None and not self.relay.done():
-            self.relay.cancel()  # closing the SSE stream also cancels the run in the agent
+    async def close(self, code: int | None) -> None:
+        """The socket is gone. Code 1000: the IDE quit, so its run is cancelled; otherwise a detach."""
+        relay = self.relay
+        if relay is None:
+            return
+        if code == WS_NORMAL and relay.run_id is not None:
+            await self.post_agent(CANCEL_PATH.format(run_id=relay.run_id), {})
+        if relay.task is not None and not relay.task.done():
+            relay.task.cancel()  # closes the SSE stream: a detach in the agent
             with contextlib.suppress(asyncio.CancelledError):
-                await self.relay
+                await relay.task
 
 
-class AgentFailed(Exception):
-    def __init__(self, message: str, retryable: bool) -> None:
-        super().__init__(message)
-        self.retryable = retryable
+class UnknownSessionError(Exception):
+    pass
+
+
+class SeqTooOldError(Exception):
+    def __init__(self, oldest_seq: int | None) -> None:
+        super().__init__(oldest_seq)
+        self.oldest_seq = oldest_seq
+
+
+async def bounded_text(response: aiohttp.ClientResponse) -> str:
+    """The start of an error body, read with a bound on time and size."""
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with asyncio.timeout(AGENT_READ_TIMEOUT_S):
+            return (await response.content.read(2000)).decode("utf-8", errors="replace")
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,15 +394,16 @@ class AgentFailed(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-class RedactTokens(logging.Filter):
-    """uvicorn logs each WebSocket path, query string included: hide `?token=` values."""
+class RedactQueries(logging.Filter):
+    """uvicorn logs each WebSocket path with its query string: hide every query string whole,
+    so a token is hidden however its name is spelled (`?token=`, `?%74oken=`, ...)."""
 
-    PATTERN = re.compile(r"(token=)[^&\s\"']+")
+    PATTERN = re.compile(r"\?[^\s\"']*")
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = self.PATTERN.sub(r"\1[redacted]", message), None
+        if "?" in message:
+            record.msg, record.args = self.PATTERN.sub("?[query hidden]", message), None
         return True
 
 
@@ -271,31 +421,32 @@ async def ws_endpoint(ws: WebSocket) -> None:
         # accepted first so that browsers, which cannot read a refused handshake, see the reason
         await ws.close(WS_UNAUTHORIZED, "unauthorized: missing or wrong token (Authorization: Bearer <token> or ?token=)")
         return
-    session = Session(ws, ws.app.state.http)
-    log.info("session %s connected", session.id)
+    link = Link(ws, ws.app.state.http)
+    code: int | None = None
     try:
         while True:
             frame = await ws.receive()
             if frame["type"] == "websocket.disconnect":
+                code = frame.get("code")
                 break
             text = frame.get("text")
             if text is None:
                 text = (frame.get("bytes") or b"").decode("utf-8", errors="replace")
             try:
-                if len(text.encode("utf-8")) > MAX_FRAME_BYTES:
+                if len(text) > MAX_FRAME_BYTES:  # uvicorn's ws_max_size bounds the bytes; this, text frames' chars
                     raise RpcError(INVALID_REQUEST, f"Invalid Request: frame is larger than {MAX_FRAME_BYTES} bytes (GATEWAY_MAX_FRAME_BYTES)")
-                await session.handle(parse_message(text))
+                await link.handle(parse_message(text))
             except RpcError as exc:
-                log.info("session %s: frame refused: %d %s", session.id, exc.code, exc.message[:200])
+                log.info("session %s: frame refused: %d %s", link.session_id, exc.code, exc.message[:200])
                 await ws.send_text(exc.response())
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:  # a bug: answer, keep serving
-                log.error("session %s: frame failed: %r", session.id, exc)
-                await ws.send_text(RpcError(INTERNAL_ERROR, f"Internal error: {exc!r}").response())
-    except WebSocketDisconnect:
-        pass
+                log.error("session %s: frame failed: %s", link.session_id, clip(exc, 300))
+                await ws.send_text(RpcError(INTERNAL_ERROR, f"Internal error: {exc!r}"[:500]).response())
+    except WebSocketDisconnect as exc:
+        code = exc.code
     finally:
-        await session.close()
-        log.info("session %s closed", session.id)
+        await link.close(code)
+        log.info("session %s: socket closed (%s)", link.session_id, code)
 
 
 async def healthz(request: Request) -> Response:
@@ -322,11 +473,11 @@ def publish_token(port: int) -> str:
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     for name in ("uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).addFilter(RedactTokens())
+        logging.getLogger(name).addFilter(RedactQueries())
     port = int(os.environ.get("GATEWAY_PORT", "8000"))  # set by __main__ / the Procfile; names the token file
     generated = not os.environ.get("GATEWAY_TOKEN")
     app.state.token = publish_token(port) if generated else os.environ["GATEWAY_TOKEN"]
-    timeout = aiohttp.ClientTimeout(total=None, connect=AGENT_CONNECT_TIMEOUT_S)  # reads: see stream_from_agent
+    timeout = aiohttp.ClientTimeout(total=None, connect=AGENT_CONNECT_TIMEOUT_S)  # reads: see agent_stream
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
         app.state.http = http
         try:
@@ -342,10 +493,13 @@ app = Starlette(
 )
 
 if __name__ == "__main__":
+    import uvicorn
+
     parser = argparse.ArgumentParser(description="The WebSocket gateway between the IDE and the agent runtime.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     args = parser.parse_args()
     os.environ["GATEWAY_PORT"] = str(args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", ws_max_size=16 * MAX_FRAME_BYTES)
+    # ws_max_size: a frame over the limit is refused while it arrives (close 1009), not after it is whole
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", ws_max_size=MAX_FRAME_BYTES)

@@ -41,13 +41,26 @@ JSONRPC_VERSION = "2.0"
 # IDE -> gateway methods
 USER_MESSAGE = "user_message"
 CANCEL = "cancel"
+RESUME = "resume"  # v2: {"session_id", "last_seq"} on a new socket takes a session back
 
 # gateway -> IDE notifications; the same words name the agent's SSE events
 TOKEN = "token"
 FINAL = "final"
 ERROR = "error"
 TOOL_CALL = "tool_call"  # SSE only: the gateway turns it into a request named after the tool
+SUPERSEDED = "superseded"  # SSE only: a newer stream took the session; the gateway closes with 4409
+NOTIFICATIONS = (TOKEN, FINAL, ERROR)  # the events that carry the session's `seq`
 RUN_EVENTS = (TOKEN, TOOL_CALL, FINAL, ERROR)
+
+# gateway -> agent: paths and headers (v2)
+RUNS_PATH = "/v1/runs"  # POST {"session_id", "run_id", "content"} -> the run's events
+TOOL_RESULTS_PATH = "/v1/runs/{run_id}/tool_results"  # POST {"tool_call_id", "result" | "error"}
+CANCEL_PATH = "/v1/runs/{run_id}/cancel"  # POST, no body
+EVENTS_PATH = "/v1/sessions/{session_id}/events"  # GET with Last-Event-ID: replay, pending calls, live run
+LAST_EVENT_ID = "Last-Event-ID"
+RUN_ID_HEADER = "X-Run-Id"  # on an events stream: the run in progress, or empty
+LAST_SEQ_HEADER = "X-Last-Seq"  # on an events stream: the newest seq the session has
+CANCELLING = "cancelling"  # the cancel endpoint's status: the final follows on the stream
 
 # final.status
 COMPLETED = "completed"
@@ -61,9 +74,13 @@ INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 RUN_IN_PROGRESS = -32000  # a user_message arrived while this socket's run is still going
 NO_ACTIVE_RUN = -32001  # cancel named a run that is not running
+UNKNOWN_SESSION = -32002  # resume: no such session, or it expired
+SEQ_TOO_OLD = -32003  # resume: last_seq is older than what the session keeps; data {"oldest_seq"}
 
-# WebSocket close code for a missing or wrong token (4000-4999 is the application range)
-WS_UNAUTHORIZED = 4401
+# WebSocket close codes (4000-4999 is the application range)
+WS_NORMAL = 1000  # the IDE quits: its run is cancelled at once; any other ending only detaches it
+WS_UNAUTHORIZED = 4401  # a missing or wrong token
+WS_SUPERSEDED = 4409  # a newer socket resumed this session
 
 # `code` of an `error` notification: a short, stable word a program can branch on.
 ERR_LLM = "llm_error"  # the model's API answered with an error status
@@ -73,6 +90,14 @@ ERR_AGENT_UNAVAILABLE = "agent_unavailable"  # the gateway could not reach the a
 ERR_AGENT_STREAM = "agent_stream_broken"  # the agent's stream ended without final or error
 ERR_MAX_STEPS = "max_steps_exceeded"  # the model kept calling tools past AGENT_MAX_STEPS
 ERR_INTERNAL = "internal_error"  # a bug: the message says where to look
+ERR_AGENT_LOST = "agent_lost"  # the agent process running the run died (REDIS_URL mode)
+ERR_STORE = "store_unavailable"  # the agent's session store (Redis) cannot be reached
+ERR_OUTPUT_LIMIT = "output_too_large"  # the run logged more than AGENT_MAX_RUN_BYTES
+ERR_SESSION_BUSY = "session_busy"  # the session's previous run is still ending; send again
+
+# `code` of a tool's error as the model reads it, when the agent (not the IDE) failed the call
+TOOL_INVALID = "invalid_tool_call"  # unknown tool, arguments not a JSON object
+TOOL_TIMEOUT = "tool_timeout"  # the IDE did not answer within TOOL_TIMEOUT_S
 
 # ---------------------------------------------------------------------------------------------
 # The tool table: tools_spec.json is the one source; the OpenAI name is derived from the IDE one.
@@ -133,13 +158,13 @@ def notification(method: str, params: dict[str, Any]) -> str:
     return dumps({"jsonrpc": JSONRPC_VERSION, "method": method, "params": params})
 
 
-def notification_spliced(method: str, params_json: str, seq: int) -> str:
-    """notification(method, {**params, "seq": seq}) for params that are already one JSON object.
+def notification_relayed(method: str, params_json: str) -> str:
+    """notification(method, json.loads(params_json)) without the decode and re-encode.
 
-    The gateway relays every streamed token this way: adding `seq` to the agent's data as text
-    saves a decode and an encode per token (the hottest path there is). Same bytes as the slow way.
+    The gateway relays the agent's event data as `params` unchanged (CONTRACT v2), so the data,
+    already one compact JSON object, is placed whole. A port may write notification() instead.
     """
-    return f'{{"jsonrpc":"{JSONRPC_VERSION}","method":"{method}","params":{params_json[:-1]},"seq":{seq}}}}}'
+    return f'{{"jsonrpc":"{JSONRPC_VERSION}","method":"{method}","params":{params_json}}}'
 
 
 def result(id: JsonId, value: Any) -> str:
@@ -257,6 +282,17 @@ def json_event(event: str, obj: Any, id: int) -> bytes:
         return f"event: {event}\nid: {id}\ndata: {text}\n\n".encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate: keep it escaped, as dumps() does
         return encode_event(dumps(obj), event, id)
+
+
+def log_event(event: str, data: str, seq: int | None) -> bytes:
+    """One event of a session's log on the wire: `id:` only on the events that carry a seq.
+
+    `data` is already one line of compact JSON (the log keeps it encoded); a tool_call has no
+    `id:`, so per WHATWG the stream's last event ID stays the seq before it.
+    """
+    if seq is None:
+        return f"event: {event}\ndata: {data}\n\n".encode("utf-8")
+    return f"event: {event}\nid: {seq}\ndata: {data}\n\n".encode("utf-8")
 
 
 def encode_data(data: str) -> bytes:

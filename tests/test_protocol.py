@@ -1061,19 +1061,34 @@ def test_token_file_falls_back_to_xdg_runtime_dir(monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize(
     "params",
-    [{"run_id": "run_1", "text": "hi"}, {"run_id": "r", "text": 'quote " and é\n'}],
+    [{"run_id": "run_1", "text": "hi", "seq": 7}, {"run_id": "r", "text": 'quote " and é\n', "seq": 7}],
     ids=["plain", "escapes"],
 )
-def test_notification_spliced_equals_notification(params: dict[str, Any]) -> None:
-    """Splicing seq into the agent's JSON text gives the very bytes notification() would."""
-    from protocol import dumps, notification_spliced
+def test_notification_relayed_equals_notification(params: dict[str, Any]) -> None:
+    """The agent's data placed whole as params gives the very bytes notification() would."""
+    from protocol import dumps, notification_relayed
 
-    assert notification_spliced("token", dumps(params), 7) == notification("token", {**params, "seq": 7})
+    assert notification_relayed("token", dumps(params)) == notification("token", params)
 
 
-def test_notification_spliced_literal_frame() -> None:
+def test_notification_relayed_literal_frame() -> None:
     """The gateway's token frame, byte for byte."""
-    from protocol import notification_spliced
+    from protocol import notification_relayed
 
-    frame = notification_spliced("token", '{"run_id":"run_1","text":"Hi"}', 3)
+    frame = notification_relayed("token", '{"run_id":"run_1","text":"Hi","seq":3}')
     assert frame == '{"jsonrpc":"2.0","method":"token","params":{"run_id":"run_1","text":"Hi","seq":3}}'
+
+
+@pytest.mark.parametrize(
+    ("event", "data", "seq", "wire"),
+    [
+        ("token", '{"text":"Hi","seq":3}', 3, b'event: token\nid: 3\ndata: {"text":"Hi","seq":3}\n\n'),
+        ("tool_call", '{"id":"c1"}', None, b'event: tool_call\ndata: {"id":"c1"}\n\n'),
+    ],
+    ids=["notification-has-id", "tool-call-has-none"],
+)
+def test_log_event_bytes(event: str, data: str, seq: int | None, wire: bytes) -> None:
+    """A log entry on the wire: `id:` is the session's seq, and a tool_call carries none (CONTRACT v2)."""
+    from protocol import log_event
+
+    assert log_event(event, data, seq) == wire
