@@ -243,7 +243,7 @@ class MemorySession:
     seq: int = 0  # the newest notification's seq
     run_id: str | None = None  # the run in progress
     owner: str = ""  # that run's lease token
-    run_start: Pos = (0, 0)  # where the newest run's events begin; the log keeps the one before it too
+    run_start: Pos = (0, 0)  # the newest run's events come after this place; the log keeps the run before it too
     pending: dict[str, str] = field(default_factory=dict)  # call id -> its tool_call data
     closed: dict[str, str] = field(default_factory=dict)  # call id -> "answered" | "timed out"
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
@@ -286,8 +286,8 @@ class MemoryStore:
             session = self.sessions[session_id] = MemorySession()
         if session.run_id is not None:
             raise SessionBusy(session.run_id)
-        keep = bisect.bisect_left(session.log, session.run_start, key=lambda entry: entry.pos)
-        del session.log[:keep]  # retention: the previous run's events and this one's
+        keep = bisect.bisect_right(session.log, session.run_start, key=lambda entry: entry.pos)
+        del session.log[:keep]  # retention: what came after the previous run's start, and this run's
         session.run_start = session.log[-1].pos if session.log else (session.seq, 0)
         session.run_id, session.owner = run_id, secrets.token_hex(16)
         session.pending.clear()

@@ -311,7 +311,8 @@ class Link:
         if event.event in NOTIFICATIONS:  # data: {"run_id", "seq", ...}, relayed as params unchanged
             if event.id:  # per WHATWG the last id seen; an error the agent could not log has none of its own
                 self.last_seq = int(event.id)
-            ended = event.event != TOKEN
+            # a replay may hold earlier runs' finals: only this run's own end ends the relay
+            ended = event.event != TOKEN and relay.run_id is not None and json.loads(event.data).get("run_id") == relay.run_id
             if ended and self.relay is relay:
                 self.relay = None  # before the send: the IDE may answer the final with a new message at once
             await self.ws.send_text(notification_relayed(event.event, event.data))
