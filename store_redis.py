@@ -11,8 +11,8 @@ Lua script (each one below, with a comment). Needs Redis 7.0 or newer (XADD "<ms
 Keys (P = REDIS_PREFIX; <sid> a session id, <rid> a run id; ids are [A-Za-z0-9_-]):
 
     P session:<sid>           hash    seq (newest notification's), run_id (the run in progress;
-                                      absent when none), run_start (log id where the newest run's
-                                      events begin), unattached_ms (when the last stream left)
+                                      absent when none), run_start (the log id the newest run's
+                                      events come after), unattached_ms (when the last stream left)
     P session:<sid>:log       stream  the event log. Entry ids ARE positions: a notification
                                       with seq N is "N-0"; a tool_call or an attach marker after
                                       it is "N-1", "N-2", ... Fields: kind, data (compact JSON).
@@ -91,6 +91,7 @@ SOCKET_TIMEOUT_S = 10.0  # above MAX_BLOCK_S plus a slow Redis (a 2 s stall lose
 CONNECT_TIMEOUT_S = 2.0  # reaching Redis at all
 HEALTH_TIMEOUT_S = 1.0  # /healthz's PING
 READ_COUNT = 1000  # log entries per XREAD: a long replay is several reads
+MAX_CONNECTIONS = 10_000  # per agent process; a blocked read holds one: about two per run in progress (its inbox, its stream)
 LEASE_LOST = "LEASE_LOST"  # the error reply of a fenced write
 LOST_MESSAGE = "The agent process running this run stopped (its lease expired, AGENT_LEASE_S); send the message again."
 
@@ -125,7 +126,8 @@ end
 
 # open_run: a run holding a live lease -> {"busy", its run id}. A run marked in progress whose
 # lease is gone (its owner died) is ended with agent_lost first. Then: take the lease, record
-# the run, trim the log to the previous run's start (retention: that run and this one).
+# the run, and drop the log up to the previous run's start (retention: that run and this one;
+# a run's start is the last entry before its own events).
 # ARGV: 1 run id, 2 session id, 3 token, 4 lease ms, 5 ttl s, 6 error kind, 7 lost code, 8 lost message (JSON)
 OPEN_RUN = """
 local running = redis.call('HGET', KEYS[1], 'run_id')
@@ -135,7 +137,10 @@ if running then
 end
 if not redis.call('SET', KEYS[3], ARGV[3], 'NX', 'PX', ARGV[4]) then return {'busy', running or ''} end
 local previous_start = redis.call('HGET', KEYS[1], 'run_start')
-if previous_start then redis.call('XTRIM', KEYS[2], 'MINID', previous_start) end
+if previous_start then  -- drop what is not after it: MINID keeps ids >= its argument, so the id just after
+  local s, n = string.match(previous_start, '(%d+)-(%d+)')
+  redis.call('XTRIM', KEYS[2], 'MINID', s .. '-' .. (tonumber(n) + 1))
+end
 local seq = redis.call('HGET', KEYS[1], 'seq') or '0'
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
 redis.call('HSET', KEYS[1], 'seq', seq, 'run_id', ARGV[1], 'run_start', last and last[1] or (seq .. '-0'))
@@ -341,6 +346,7 @@ class RedisStore:
             decode_responses=True,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
+            max_connections=MAX_CONNECTIONS,  # redis-py's default, 100, would fail the 51st run
             retry=Retry(NoBackoff(), 0),
             # off: with it on, a pooled connection is not checked before use, so the first
             # command after a Redis restart would fail on the dead socket

@@ -291,38 +291,38 @@ async def test_read_unknown_session(store: Store) -> None:
 
 
 async def test_retention_keeps_the_current_and_previous_run(store: Store) -> None:
-    """After three runs, the log starts at the first run's last event; older Last-Event-IDs get 410."""
+    """After three runs, the log starts after the first run's last entry; older Last-Event-IDs get 410."""
     one = await start(store, run_id="r1")  # marker (0,1), tokens 1 2, final 3
     await store.append(one, TOKEN, token(one, "a"))
     await store.append(one, TOKEN, token(one, "b"))
     await finish(store, one)
-    two = await start(store, run_id="r2")  # marker (3,1), token 4, final 5
+    two = await start(store, run_id="r2")  # its events come after (3,0): marker (3,1), token 4, final 5
     await store.append(two, TOKEN, token(two, "c"))
     await finish(store, two)
-    three = await store.open_run("s1", "r3")  # trims to run 2's start: (3, 0)
+    three = await store.open_run("s1", "r3")  # drops everything up to run 2's start, (3, 0)
     assert three.seq == 5
-    assert (await store.read("s1", (0, 0), 0))[0].pos == (3, 0)
+    assert (await store.read("s1", (0, 0), 0))[0].pos == (3, 1)
     with pytest.raises(SeqOutOfRange) as out:
-        await store.attach("s1", 1, "late")
-    assert (out.value.too_old, out.value.oldest_seq, out.value.last_seq) == (True, 3, 5)
-    attachment = await store.attach("s1", 2, "ok")
+        await store.attach("s1", 2, "late")
+    assert (out.value.too_old, out.value.oldest_seq, out.value.last_seq) == (True, 4, 5)
+    attachment = await store.attach("s1", 3, "ok")
     entries = await store.read("s1", attachment.start, 0)
-    assert [e.pos for e in entries] == [(3, 0), (3, 1), (4, 0), (5, 0), (5, 1)]
+    assert [e.pos for e in entries] == [(3, 1), (4, 0), (5, 0), (5, 1)]
     with pytest.raises(SeqOutOfRange) as ahead:
         await store.attach("s1", 6, "ahead")
-    assert (ahead.value.too_old, ahead.value.oldest_seq, ahead.value.last_seq) == (False, 3, 5)
+    assert (ahead.value.too_old, ahead.value.oldest_seq, ahead.value.last_seq) == (False, 4, 5)
 
 
-async def test_retention_when_a_run_starts_after_an_attach_marker(store: Store) -> None:
-    """A log that begins at a marker (s, n > 0) holds seq s+1 onwards: s+1 is the oldest."""
+async def test_retention_when_the_log_begins_at_a_marker(store: Store) -> None:
+    """A log that begins at a marker (s, n > 0) holds seq s+1 onwards: s+1 is the oldest, and s is still a valid Last-Event-ID."""
     one = await start(store, run_id="r1")
     await finish(store, one)  # final at 1
-    await store.attach("s1", 1, "late")  # marker (1, 1), the log's last entry: run 2 starts there
+    await store.attach("s1", 1, "late")  # marker (1, 1), the log's last entry: run 2's events come after it
     two = await start(store, run_id="r2")  # its own marker (1, 2)
     await store.append(two, TOKEN, token(two, "a"))
     await finish(store, two)  # token 2, final 3
-    await store.open_run("s1", "r3")  # trims to (1, 1)
-    assert (await store.read("s1", (0, 0), 0))[0].pos == (1, 1)
+    await store.open_run("s1", "r3")  # drops up to (1, 1)
+    assert (await store.read("s1", (0, 0), 0))[0].pos == (1, 2)
     with pytest.raises(SeqOutOfRange) as out:
         await store.attach("s1", 0, "too-old")
     assert (out.value.too_old, out.value.oldest_seq) == (True, 2)
@@ -547,6 +547,23 @@ async def test_redis_stalling_loses_and_doubles_nothing(redis_server: RedisServe
         assert [(e.pos, json.loads(e.data)["text"]) for e in entries] == [((n, 0), str(n)) for n in range(1, 201)]
     finally:
         admin.close()
+        await store.close()
+
+
+async def test_many_blocked_reads_at_once(redis_server: RedisServer) -> None:
+    """150 runs, each with its inbox and a stream waiting in XREAD BLOCK: every wait gets its own connection and wakes."""
+    store = RedisStore(redis_server.url, prefix=new_prefix())
+    try:
+        leases = [await start(store, f"s{n}", f"r{n}") for n in range(150)]
+        inboxes = [asyncio.create_task(store.inbox(lease, 5)) for lease in leases]
+        reads = [asyncio.create_task(store.read(lease.session_id, (0, 1), 5)) for lease in leases]
+        await asyncio.sleep(0.2)
+        for lease in leases:
+            await store.append(lease, TOKEN, token(lease, "wake"))
+            await store.cancel(lease.run_id)
+        assert [await inbox for inbox in inboxes] == [[{"cancel": True}]] * 150
+        assert [[e.pos for e in await read] for read in reads] == [[(1, 0)]] * 150
+    finally:
         await store.close()
 
 
