@@ -172,6 +172,9 @@ class Link:
         content = message.params.get("content")
         if not isinstance(content, str) or not content.strip():
             raise RpcError(INVALID_PARAMS, 'Invalid params: user_message needs {"content": non-empty string}', message.id)
+        if self.relay is not None and self.relay.run_id is None and self.relay.task is not None:
+            with contextlib.suppress(TimeoutError):  # a resume's replay, still draining: its notifications come first
+                await asyncio.wait_for(asyncio.shield(self.relay.task), AGENT_READ_TIMEOUT_S)
         if self.relay is not None:
             raise RpcError(RUN_IN_PROGRESS, f"Run {self.relay.run_id} is still in progress; send cancel or wait for its final.", message.id, {"run_id": self.relay.run_id})
         self.session_id = self.session_id or "ses_" + secrets.token_hex(16)  # 128 random bits: with the token, the key to resume

@@ -1,6 +1,6 @@
 """Resume (CONTRACT v2, "Sessions and resume" and "gateway <-> agent, v2"), end to end.
 
-    IDE (this file) ⇄ gateway 1 or gateway 2 → one agent → llm_proxy → fake_llm
+    IDE (this file) ⇄ gateway 1 or gateway 2 → nginx → one agent, or two on Redis → llm_proxy → fake_llm
 
 Each clause of the two contract sections has a test here, on real processes: a socket is
 dropped without a close frame (as a dead network drops it), closed with 1000, taken over, or
@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import Service, Stack, start, start_stack, wait_healthy
+from conftest import Service, Stack, start_stack
 from wsclient import recv, send, user_message
 
 GRACE_S = 2.0  # the agent's RESUME_GRACE_S here
@@ -31,12 +31,15 @@ TOKENS = 120  # a [tokens:N] turn long enough to drop in the middle of
 Frame = dict[str, Any]
 
 
+@pytest.fixture(scope="module", params=["gateways", "redis"])
+def stack_mode(request: pytest.FixtureRequest) -> str:
+    """Two gateways sharing one agent's memory; then two gateways and two agents on Redis."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The pipeline with a second gateway ("gateway2") in front of the same agent."""
-    s = start_stack(tmp_path_factory.mktemp("resume"), {"RESUME_GRACE_S": str(GRACE_S)})
-    s.services["gateway2"] = start("gateway", s.env, s.log_dir)
-    wait_healthy(s.services["gateway2"])
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_mode: str) -> Iterator[Stack]:
+    s = start_stack(tmp_path_factory.mktemp("resume"), {"RESUME_GRACE_S": str(GRACE_S)}, scale=stack_mode)
     yield s
     s.stop()
 
@@ -101,8 +104,13 @@ def answer(frame: Frame, content: str = "hello\n") -> Frame:
 
 
 async def agent_runs(http: aiohttp.ClientSession, stack: Stack) -> int:
-    async with http.get(f"{stack['agent'].url}/healthz") as response:
-        return (await response.json())["runs"]
+    """Runs in progress, summed over every agent replica."""
+    total = 0
+    for name, service in stack.services.items():
+        if name.startswith("agent"):
+            async with http.get(f"{service.url}/healthz") as response:
+                total += (await response.json())["runs"]
+    return total
 
 
 async def wait_runs(http: aiohttp.ClientSession, stack: Stack, count: int, bound: float) -> float:
@@ -293,8 +301,6 @@ async def test_agent_events_endpoint_ids_are_the_session_seq(stack: Stack) -> No
 async def test_gateway_sigkilled_mid_run_session_resumed_on_another(make_stack: Any) -> None:
     """Gateway 1 dies (SIGKILL) with a tool request in flight; the IDE resumes on gateway 2 and finishes."""
     stack: Stack = make_stack({"RESUME_GRACE_S": "30"})
-    stack.services["gateway2"] = start("gateway", stack.env, stack.log_dir)
-    wait_healthy(stack.services["gateway2"])
     async with aiohttp.ClientSession() as http:
         ws = await connect(http, stack)
         started = await start_turn(ws, call_marker("read_file", path="a.txt"))
