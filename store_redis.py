@@ -60,8 +60,8 @@ from typing import Any
 import redis.asyncio as redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.maint_notifications import MaintNotificationsConfig
 from redis.exceptions import RedisError, ResponseError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from agent import (
     AGENT_LEASE_S,
@@ -92,7 +92,7 @@ CONNECT_TIMEOUT_S = 2.0  # reaching Redis at all
 HEALTH_TIMEOUT_S = 1.0  # /healthz's PING
 READ_COUNT = 1000  # log entries per XREAD: a long replay is several reads
 MAX_CONNECTIONS = 10_000  # per agent process; a blocked read holds one: about two per run in progress (its inbox, its stream)
-LEASE_LOST = "LEASE_LOST"  # the error reply of a fenced write
+LEASE_LOST = "LEASE_LOST"  # the error reply of a fenced write, as the scripts spell it
 LOST_MESSAGE = "The agent process running this run stopped (its lease expired, AGENT_LEASE_S); send the message again."
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +100,8 @@ LOST_MESSAGE = "The agent process running this run stopped (its lease expired, A
 #   1 session, 2 log, 3 lease, 4 history, 5 readers, 6 pending, 7 closed, [8 run, 9 inbox]
 # (8 and 9 only where a run is named). Event kinds and error codes come in ARGV, from protocol.py.
 # ---------------------------------------------------------------------------------------------
+
+SESSION, LOG, LEASE, HISTORY, READERS, PENDING, CLOSED, RUN, INBOX = range(9)  # the same, 0-based, in Python
 
 # Shared by the scripts below (prepended to each).
 HELPERS = """
@@ -372,7 +374,7 @@ class RedisStore:
         self.declare_lost_script = script(HELPERS + DECLARE_LOST)
 
     def keys(self, session_id: str, run_id: str = "") -> list[str]:
-        """The scripts' KEYS, in their order: the session's seven, then the run's two if named."""
+        """The scripts' KEYS, in their order (SESSION, LOG, ...): the session's seven, then the run's two if named."""
         s = f"{self.prefix}session:{session_id}"
         keys = [s, f"{s}:log", f"{s}:lease", f"{s}:history", f"{s}:readers", f"{s}:pending", f"{s}:closed"]
         if run_id:
@@ -409,9 +411,11 @@ class RedisStore:
     async def inbox(self, lease: Lease, timeout_s: float) -> list[dict[str, Any]]:
         # Only the run's owner reads its inbox, and it deletes what it has read: a message read
         # twice (the XDEL failed) is harmless, an answer resolves its call once.
-        key = self.keys(lease.session_id, lease.run_id)[8]
+        # Not fenced: it writes nothing the run's successor reads (the inbox is this run's alone),
+        # and a lost lease is caught by the next write or renewal.
+        key = self.keys(lease.session_id, lease.run_id)[INBOX]
         block = max(1, int(min(timeout_s, self.max_block_s) * 1000)) if timeout_s > 0 else None
-        with redis_errors(lease):
+        with redis_errors():
             reply = await self.redis.xread({key: "0-0"}, block=block)
             if not reply:
                 return []
@@ -425,7 +429,7 @@ class RedisStore:
 
     async def load_history(self, session_id: str) -> Messages:
         with redis_errors():
-            items = await self.redis.lrange(self.keys(session_id)[3], 0, -1)
+            items = await self.redis.lrange(self.keys(session_id)[HISTORY], 0, -1)
         return [json.loads(item) for item in items]
 
     async def append_history(self, lease: Lease, messages: Messages) -> None:
@@ -475,8 +479,8 @@ class RedisStore:
         keys = self.keys(session_id)
         block = max(1, int(min(timeout_s, self.max_block_s) * 1000)) if timeout_s > 0 else None
         with redis_errors():
-            reply = await self.redis.xread({keys[1]: log_id(after)}, count=READ_COUNT, block=block)
-            if not reply and not await self.redis.exists(keys[0]):
+            reply = await self.redis.xread({keys[LOG]: log_id(after)}, count=READ_COUNT, block=block)
+            if not reply and not await self.redis.exists(keys[SESSION]):  # only when idle: the hot path is one XREAD
                 raise UnknownSession(session_id)
         if not reply:
             return []
@@ -497,7 +501,7 @@ class RedisStore:
 
     async def owner_alive(self, session_id: str, run_id: str) -> bool:
         with redis_errors():
-            return await self.redis.exists(self.keys(session_id)[2]) == 1
+            return await self.redis.exists(self.keys(session_id)[LEASE]) == 1
 
     async def declare_lost(self, session_id: str, run_id: str) -> None:
         args = [run_id, ERROR, ERR_AGENT_LOST, dumps(LOST_MESSAGE), self.ttl_s]

@@ -33,7 +33,7 @@ from agent import (
 )
 from protocol import ERR_AGENT_LOST, ERROR, FINAL, TOKEN, TOOL_CALL, dumps
 from servers import RedisServer, start_redis
-from store_redis import RedisStore
+from store_redis import PENDING, RedisStore
 
 
 @pytest.fixture(scope="module")
@@ -464,7 +464,7 @@ async def test_declare_lost_ends_a_run_whose_lease_is_gone(short_lease: RedisSto
     assert json.loads(entries[-1].data)["code"] == ERR_AGENT_LOST
     attachment = await store.attach("s1", 1, "a2")
     assert (attachment.run_id, attachment.pending) == (None, [])
-    assert await store.redis.exists(store.keys("s1")[5]) == 0  # its pending calls went with it
+    assert await store.redis.exists(store.keys("s1")[PENDING]) == 0  # its pending calls went with it
     assert (await store.open_run("s1", "r2")).seq == 1
 
 
