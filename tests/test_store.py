@@ -12,6 +12,8 @@ import asyncio
 import dataclasses
 import json
 import secrets
+import signal
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -34,6 +36,8 @@ from agent import (
 from protocol import ERR_AGENT_LOST, ERROR, FINAL, TOKEN, TOOL_CALL, dumps
 from servers import RedisServer, start_redis
 from store_redis import PENDING, RedisStore
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -425,6 +429,65 @@ async def test_renew_keeps_the_lease(short_lease: RedisStore) -> None:
         await store.renew(lease)
     assert await store.owner_alive("s1", "r1") is True
     await store.append(lease, TOKEN, token(lease, "still mine"))
+
+
+OWNER = """
+import asyncio, sys
+from agent import LeaseLost
+from store_redis import RedisStore
+
+async def main(url: str, prefix: str) -> None:
+    store = RedisStore(url, prefix=prefix, lease_s=0.5)
+    lease = await store.open_run("s1", "r1")
+    await store.attach("s1", 0, "owner")
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(0.15)
+            await store.renew(lease)
+
+    renewing = asyncio.create_task(renew())
+    print("owning", flush=True)
+    n = 0
+    while not renewing.done():
+        n += 1
+        try:
+            await store.append(lease, "token", {"run_id": "r1", "text": str(n)})
+        except LeaseLost:
+            break
+        await asyncio.sleep(0.02)
+    print("fenced", flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_an_owner_paused_past_its_lease_writes_nothing_more(redis_server: RedisServer) -> None:
+    """A real owner process, SIGSTOPped past its lease: the run is declared lost; after SIGCONT it is fenced."""
+    prefix = new_prefix()
+    owner = await asyncio.create_subprocess_exec(sys.executable, "-c", OWNER, redis_server.url, prefix,
+                                                 cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+    store = RedisStore(redis_server.url, prefix=prefix)
+    try:
+        assert await asyncio.wait_for(owner.stdout.readline(), 20) == b"owning\n"
+        await asyncio.sleep(0.3)
+        owner.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(0.8)  # past its 0.5 s lease
+        assert await store.owner_alive("s1", "r1") is False
+        await store.declare_lost("s1", "r1")
+        owner.send_signal(signal.SIGCONT)
+        assert await asyncio.wait_for(owner.stdout.readline(), 10) == b"fenced\n"
+        entries = await store.read("s1", (0, 1), 0)
+        kinds = [e.kind for e in entries]
+        assert kinds[-1] == ERROR and set(kinds[:-1]) == {TOKEN} and len(kinds) > 5
+        assert [e.pos for e in entries] == [(n, 0) for n in range(1, len(entries) + 1)]
+        assert json.loads(entries[-1].data)["code"] == ERR_AGENT_LOST
+    finally:
+        if owner.returncode is None:
+            owner.send_signal(signal.SIGCONT)
+            owner.kill()
+        await owner.wait()
+        await store.close()
 
 
 async def test_open_run_after_the_owner_vanished_declares_it_lost(short_lease: RedisStore) -> None:
