@@ -52,8 +52,9 @@ def new_prefix() -> str:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Store]:
-    """Each backend, empty. MemoryStore is made here, inside the test's event loop (it makes asyncio objects)."""
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    """Each backend, empty. MemoryStore is made here, inside the test's event loop (it makes asyncio objects);
+    redis-server starts only when a Redis case first runs."""
     if request.param == "memory":
         yield MemoryStore()
         return
