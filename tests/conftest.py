@@ -63,6 +63,11 @@ MODES = {"memory": Scale(), "redis": Scale(agents=2, gateways=2, redis=True), "g
 TEST_MODE = os.environ.get("REFAGENT_TEST_MODE", "memory")  # the stacks' default
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if TEST_MODE not in MODES:  # said once, before any test runs
+        raise pytest.UsageError(f"REFAGENT_TEST_MODE={TEST_MODE!r}: expected one of {', '.join(MODES)}")
+
+
 def scale_of(mode: Scale | str) -> Scale:
     if isinstance(mode, Scale):
         return mode
