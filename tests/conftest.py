@@ -19,6 +19,9 @@ in both modes by overriding it:
     @pytest.fixture(scope="module", params=["memory", "redis"])
     def stack_mode(request: pytest.FixtureRequest) -> str:
         return request.param
+
+and a module whose own fixture starts its stack passes the mode on: `def stack(tmp_path_factory,
+stack_mode)` ... `start_stack(path, env, scale=stack_mode)`.
 """
 
 from __future__ import annotations
