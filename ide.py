@@ -14,20 +14,31 @@ stdout, everything else (prompts, hunks, one line per tool run) to stderr, so st
 
 The file reads top down: the six tools (Workspace, plain methods testable without a network),
 then the client (run_turn, one user message to its final or error), then the command line.
-Safety rules the tools keep: every path, including the file headers inside a diff, must resolve
-(symlinks followed) inside the workspace before anything is read or written; writes are atomic;
-patches apply all or nothing; git runs from an argument list, never a shell string.
+Every tool call is treated as possibly hostile (a model obeys what it reads), so the tools keep
+these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops):
+  - a path is walked one directory at a time from the workspace's own descriptor, never
+    following a symlink out of it (as openat2's RESOLVE_BENEATH and Go's os.Root do), so no
+    race can lead a read or write outside; `.git` is off limits to every tool;
+  - every write, write_file's and a patch's, goes through one atomic writer, all or nothing;
+  - git itself says which files a patch touches; the patch is applied to copies of them in a
+    private directory, and only the results, each path-checked, are written back;
+  - git runs from an argument list, with settings that keep the repository's config from
+    naming a command for it to run;
+  - reads are bounded (bytes scanned, lines and bytes returned) and run off the event loop;
+  - whatever came from the model or the workspace is shown with its control characters made
+    visible (ESC as ^[), so it cannot drive the terminal; colours are ide.py's own.
 
-Left out: an editor UI, several conversations per socket, reconnecting, binary patches, and
-guarding against a file being swapped for a symlink between the path check and the write
-(a time-of-check race the user would have to mount against themselves).
+Left out: an editor UI, several conversations per socket, reconnecting, and Windows (the path
+walk needs POSIX's dir_fd calls; a port would use NtCreateFile relative to a handle).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import contextlib
+import errno
 import json
 import os
 import re
@@ -39,7 +50,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -76,11 +87,15 @@ DEFAULT_GATEWAY = "ws://127.0.0.1:8000/ws"  # the gateway's WebSocket; --gateway
 # Caps count bytes as they go on the wire, JSON-escaped (a control character takes six), so a
 # tool's answer always fits the gateway's 1 MiB frame limit (GATEWAY_MAX_FRAME_BYTES).
 READ_CAP_BYTES = 256 * 1024  # most file content one read_file returns; more sets truncated
-DIFF_CAP_BYTES = 256 * 1024  # most diff text one git.diff returns; more sets truncated
+READ_MAX_LINES = 5000  # most lines one read_file returns; more sets truncated
+READ_SCAN_BYTES = 32 * 1024 * 1024  # most bytes one read_file reads from disk; a longer file's total_lines is null
+DIFF_CAP_BYTES = 256 * 1024  # most diff text one git.diff returns (git is stopped there); more sets truncated
+GIT_OUTPUT_CAP_BYTES = 4 * 1024 * 1024  # most output taken from any other git command
 GIT_TIMEOUT_S = 30.0  # one git command; a hung git becomes a tool error, not a hung IDE
+MAX_SYMLINKS = 40  # symlinks followed in one path, as Linux allows; more is a loop
 CONNECT_TIMEOUT_S = 10.0  # reaching the gateway
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # largest frame taken from the gateway (a big diff to apply)
-NEW_FILE_MODE = 0o644  # permissions of a file write_file creates; an overwrite keeps the old ones
+NEW_FILE_MODE = 0o644  # permissions of a file the tools create; an overwrite keeps the old ones
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the only hosts the token file is sent to
 
 # --yes / --no: how apply_patch_review and prompt_user get their answers
@@ -128,33 +143,189 @@ def check_args(params: dict[str, Any], required: dict[str, type], optional: dict
         # bool is an int in Python, but true is not a line number in JSON
         if name in params and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
             raise ToolError("invalid_arguments", f"{name} must be a {kind.__name__}, got {type(value).__name__}: {value!r:.80}")
+        # JSON may carry a lone surrogate ("\ud800"): legal there, but no UTF-8 file or path can hold it
+        if name in params and not all(is_unicode(text) for text in (value if isinstance(value, list) else [value])):
+            raise ToolError("invalid_arguments", f"{name} is not valid Unicode: it holds a lone surrogate (an unpaired \\ud800-\\udfff escape)")
+
+
+def is_unicode(value: Any) -> bool:
+    """False for a string that UTF-8 cannot encode (a lone surrogate); True for anything else."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: atomic writes and line splitting
+# Showing what came from the model or the workspace
 # ---------------------------------------------------------------------------------------------
 
+# C0 controls (but tab and newline), DEL, C1 controls (0x9b is an 8-bit CSI), and the bidi
+# controls that reorder what a line shows (Trojan Source, CVE-2021-42574)
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_IN_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
-def atomic_write(target: Path, data: bytes) -> None:
-    """Write data to target all at once, or not at all.
 
-    A temp file in the same directory (so os.replace is a rename within one filesystem) is
-    written, fsynced and renamed over the target; if any step fails, the temp file is removed
-    and the target is as it was.
-    """
-    mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else NEW_FILE_MODE
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+def visible(text: str, one_line: bool = False) -> str:
+    """`text` made safe for a terminal: ESC shows as ^[, CR as ^M, DEL as ^? (as `cat -v` and
+    git's quoting of odd path names do), a C1 or bidi control as <U+202E>. Tabs and newlines
+    stay, unless `one_line`. Whatever ide.py shows from the model or the workspace goes through
+    it first, and colour is added after, so every escape sequence on screen is ide.py's own."""
+    return (_UNSAFE_IN_A_LINE if one_line else _UNSAFE).sub(caret, text)
+
+
+def caret(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"^{chr(code ^ 0x40)}" if code < 0x20 or code == 0x7F else f"<U+{code:04X}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: the atomic writer's parts, bounded line scanning, wire sizes
+# ---------------------------------------------------------------------------------------------
+
+# how every directory is opened: never through a symlink (O_NOFOLLOW), and not by its full path
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass
+class Change:
+    """One file for Workspace.atomic_write to write, or with data None to delete."""
+
+    path: str  # workspace-relative, as the tool was given it
+    data: bytes | None
+    mode: int | None = None  # permission bits; None keeps the old file's, or NEW_FILE_MODE for a new one
+
+
+@dataclass
+class Staged:
+    """One change, ready to be renamed into place; its directory is held open (fds[-1])."""
+
+    path: str
+    name: str  # the file's name in its directory
+    fds: list[int]  # the directory the walk ended in, then each directory made below it
+    made: list[str] = field(default_factory=list)  # the directories made for it: made[i] is in fds[i]
+    temp: str | None = None  # the temp file holding the new content; None for a deletion
+    created: bool = False  # no file was there before
+
+    def install(self) -> None:
+        """Rename the temp file over the target (atomic, and never through a symlink), or delete it."""
+        if self.temp is None:
+            os.unlink(self.name, dir_fd=self.fds[-1])
+        else:
+            os.replace(self.temp, self.name, src_dir_fd=self.fds[-1], dst_dir_fd=self.fds[-1])
+            self.temp = None
+
+    def discard(self) -> None:
+        """Undo the staging: remove the temp file, then the directories made for it, if still empty."""
+        with contextlib.suppress(OSError):
+            if self.temp is not None:
+                os.unlink(self.temp, dir_fd=self.fds[-1])
+        for i in reversed(range(len(self.made))):
+            with contextlib.suppress(OSError):
+                os.rmdir(self.made[i], dir_fd=self.fds[i])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+
+def write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
+    """A new file beside `name` holding data, fsynced, with permission bits `mode`: its name."""
+    while True:
+        temp = f".{name[:200]}.{os.urandom(4).hex()}.tmp"  # a name stays under NAME_MAX (255)
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            f.write(data)  # a full disk (ENOSPC, EFBIG) fails here, before any target is touched
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(temp, dir_fd=dir_fd)
         raise
+    return temp
+
+
+def readlink(name: str, dir_fd: int) -> str | None:
+    """Where the symlink `name` in dir_fd points; None when it is not a symlink, or not there."""
+    try:
+        return os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOENT):
+            return None
+        raise
+
+
+def lstat(name: str, dir_fd: int) -> os.stat_result | None:
+    """The file `name` in dir_fd, a symlink not followed; None when there is none."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def scan_lines(f: BinaryIO, first: int, last: int | None) -> tuple[list[str], int | None, bool]:
+    """Stream a UTF-8 text file: (lines first..last, its line count, whether the range was covered).
+
+    At most READ_SCAN_BYTES are read; the count is None when the file goes on past them. Lines
+    before `first` are skipped and lines after the range counted a MiB at a time; the range is
+    read a line at a time (at most 64 KiB of one), and lines stop being kept once more than
+    READ_MAX_LINES of them, or READ_CAP_BYTES characters, are (more could not be returned).
+    ValueError for a NUL byte, or bytes that are not UTF-8, in what was read.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0  # "\n" read so far: line newlines + 1 is the one being read
+    at_start = True  # the next byte starts a line
+    scanned = 0
+
+    def take(data: bytes) -> str:
+        nonlocal newlines, at_start, scanned
+        scanned += len(data)
+        newlines += data.count(b"\n")
+        at_start = data.endswith(b"\n")
+        return decode_text(decoder, data)
+
+    while newlines < first - 1 and (chunk := f.read(min(1 << 20, READ_SCAN_BYTES - scanned))):
+        need = first - 1 - newlines
+        if chunk.count(b"\n") >= need:  # line `first` starts in this chunk: go back to its start
+            cut = len(chunk) - len(chunk.split(b"\n", need)[-1])
+            f.seek(cut - len(chunk), os.SEEK_CUR)
+            chunk = chunk[:cut]
+        take(chunk)
+    lines: list[str] = []
+    kept = 0  # characters in `lines`
+    covered = False
+    while scanned < READ_SCAN_BYTES and len(lines) <= READ_MAX_LINES and kept <= READ_CAP_BYTES:
+        starts_line = at_start
+        piece = b"" if last is not None and newlines + 1 > last else f.readline(min(64 * 1024, READ_SCAN_BYTES - scanned))
+        covered = not piece  # the end of the file, or of the range
+        if covered:
+            break
+        text = take(piece)
+        if starts_line:
+            lines.append(text)
+        else:
+            lines[-1] += text
+        kept += len(text)
+    while chunk := f.read(min(1 << 20, READ_SCAN_BYTES - scanned)):  # the rest is only counted
+        take(chunk)
+    if f.read(1):  # more than READ_SCAN_BYTES: the count is unknown
+        return lines, None, covered
+    decode_text(decoder, b"", final=True)  # a character cut short at the end is not UTF-8
+    return lines, newlines + (not at_start), covered
+
+
+def decode_text(decoder: codecs.IncrementalDecoder, data: bytes, final: bool = False) -> str:
+    if b"\0" in data:
+        raise ValueError("a NUL byte: not a text file")
+    return decoder.decode(data, final)
 
 
 def wire_size(text: str) -> int:
@@ -304,32 +475,88 @@ def join_diff(files: list[FileDiff]) -> str:
     return "".join("".join(file.header) + "".join(file.hunks) for file in files)
 
 
+
 # ---------------------------------------------------------------------------------------------
-# git, run from an argument list
+# git, run from an argument list, hardened
 # ---------------------------------------------------------------------------------------------
 
 # C locale: git's messages are parsed (e.g. "error: patch failed: FILE:LINE"); no prompts for
-# credentials; no lock taken just to refresh the index while the user runs git too. The shell's
-# own GIT_* variables (GIT_DIR, GIT_WORK_TREE, ...) are dropped: git must find the workspace's repo.
-GIT_ENV = {"LC_ALL": "C", "LANG": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0"}
+# credentials; no lock taken just to refresh the index while the user runs git too; paths are
+# file names, never pathspec magic such as :(top). The shell's own GIT_* variables (GIT_DIR,
+# GIT_EXTERNAL_DIFF, ...) are dropped: git must find the workspace's repo, and nothing else.
+GIT_ENV = {"LC_ALL": "C", "LANG": "C", "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "GIT_LITERAL_PATHSPECS": "1"}
+# Settings on every command line (`-c` wins over every config file), so that a repository's own
+# config, which a downloaded checkout may carry, cannot name a program for git to run. git diff
+# adds --no-ext-diff (diff.external, diff.<driver>.command) and --no-textconv, and switches off
+# the repository's filter drivers one by one (git_filters_off).
+GIT_SAFE_CONFIG = (
+    "core.fsmonitor=false",  # a hook program git would ask which files changed
+    "core.hooksPath=/dev/null",  # hooks: none of these commands should run one, and none will
+    "protocol.allow=never",  # no transport at all: no lazy fetch of a partial clone, no ext::, no core.sshCommand
+)
+# A patch is applied in a private scratch directory, to copies: git there sees no repository
+# (GIT_CEILING_DIRECTORIES stops the search) and no config or attributes file at all, so no
+# filter runs and the patch applies byte for byte, whatever the user's own settings say.
+GIT_ISOLATED_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
+APPLY_OPTIONS = ["--recount", "--whitespace=nowarn"]  # models miscount @@ lengths: git recounts them
 
 
-async def git(root: Path, args: list[str], stdin: bytes | None = None) -> tuple[int, bytes, str]:
-    """Run `git ARGS` in root; return (exit status, stdout, stderr). Never through a shell."""
+@dataclass
+class GitRun:
+    """What one git command came to."""
+
+    status: int  # its exit status; negative when it was stopped
+    out: bytes  # stdout, at most the command's limit
+    err: str  # stderr, at most GIT_OUTPUT_CAP_BYTES
+    cut: bool  # stdout went past the limit, and git was stopped there
+
+
+async def git(cwd: Path | str, args: list[str], stdin: bytes | None = None, limit: int = GIT_OUTPUT_CAP_BYTES, config: list[str] | None = None, isolated: bool = False) -> GitRun:
+    """Run `git ARGS` in cwd, never through a shell, with GIT_SAFE_CONFIG and `config`; `isolated`
+    for the scratch directory of a patch. Output is read as it comes, and git is stopped once
+    stdout passes `limit`: a huge diff costs its first `limit` bytes, not the memory to hold it."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, **GIT_ENV}
+    settings = [*GIT_SAFE_CONFIG, *(config or [])]
+    if isolated:
+        env.update(GIT_ISOLATED_ENV, GIT_CEILING_DIRECTORIES=os.path.dirname(os.path.abspath(cwd)))
+        settings.append("core.attributesFile=/dev/null")
     try:
         process = await asyncio.create_subprocess_exec(
             "git",
+            "--no-pager",
+            *[word for setting in settings for word in ("-c", setting)],
             *args,
-            cwd=root,
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, **GIT_ENV},
+            cwd=cwd,
+            env=env,
             stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
     except FileNotFoundError:
         raise ToolError("git_failed", "git is not installed on the IDE's machine") from None
+
+    async def feed() -> None:
+        if process.stdin is not None:
+            with contextlib.suppress(ConnectionError):  # git stopped reading (it failed, or was stopped)
+                process.stdin.write(stdin or b"")
+                await process.stdin.drain()
+                process.stdin.close()
+
+    async def take(stream: asyncio.StreamReader, cap: int) -> tuple[bytes, bool]:
+        data = bytearray()
+        while chunk := await stream.read(64 * 1024):
+            data += chunk
+            if len(data) > cap:
+                process.kill()  # enough: git stops, its pipes close
+                return bytes(data[:cap]), True
+        return bytes(data), False
+
     try:
-        out, err = await asyncio.wait_for(process.communicate(stdin), GIT_TIMEOUT_S)
+        assert process.stdout is not None and process.stderr is not None
+        _, (out, cut), (err, _) = await asyncio.wait_for(
+            asyncio.gather(feed(), take(process.stdout, limit), take(process.stderr, GIT_OUTPUT_CAP_BYTES)), GIT_TIMEOUT_S
+        )
+        status = await process.wait()
     except BaseException as exc:  # a timeout, or the run ended: do not leave git running
         with contextlib.suppress(ProcessLookupError):
             process.kill()
@@ -337,13 +564,35 @@ async def git(root: Path, args: list[str], stdin: bytes | None = None) -> tuple[
         if isinstance(exc, TimeoutError):
             raise ToolError("git_failed", f"git {args[0]} took longer than {GIT_TIMEOUT_S:g} s") from None
         raise
-    return process.returncode or 0, out, err.decode("utf-8", errors="replace")
+    return GitRun(status, out, err.decode("utf-8", errors="replace"), cut)
 
 
 async def git_prefix(root: Path) -> str | None:
     """Where root sits inside its repository ("" at the top, "sub/" below); None outside one."""
-    status, out, _ = await git(root, ["rev-parse", "--show-prefix"])
-    return out.decode("utf-8", errors="replace").strip() if status == 0 else None
+    run = await git(root, ["rev-parse", "--show-prefix"])
+    return run.out.decode("utf-8", errors="replace").strip() if run.status == 0 else None
+
+
+async def git_filters_off(root: Path) -> list[str]:
+    """Settings that switch off each filter driver the repository's config defines.
+
+    git diff runs a filter's clean (or process) command on any file whose .gitattributes names
+    it, and no one setting turns every driver off: each is named. Drivers that only the user's
+    system or global config defines (git-lfs, say) are the user's own, and are left alone.
+    """
+    run = await git(root, ["config", "-z", "--show-scope", "--get-regexp", r"^filter\."])
+    if run.status not in (0, 1) or run.cut:  # 1: no such setting
+        raise ToolError("git_failed", f"git config failed: {run.err.strip()}", {"stderr": run.err})
+    fields = run.out.split(b"\0")  # scope, b"filter.NAME.KEY\nVALUE", scope, ..., b""
+    names = set()
+    for scope, entry in zip(fields[0::2], fields[1::2]):
+        if scope not in (b"system", b"global"):
+            key = entry.split(b"\n", 1)[0].decode("utf-8", errors="surrogateescape")
+            names.add(key[len("filter.") : key.rindex(".")])
+    for name in names:
+        if "=" in name:  # git -c splits at the first "=": this one cannot be named, so refuse
+            raise ToolError("git_failed", f"the repository's config defines a filter driver named {name!r}, which git diff cannot be kept from running")
+    return [f"filter.{name}.{setting}" for name in sorted(names) for setting in ("clean=", "smudge=", "process=", "required=false")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +611,8 @@ class Workspace:
     Each method takes the tool's arguments as the gateway sent them and returns the result
     object of its schema, or raises ToolError. `policy` is ASK, YES (accept every hunk, answer
     the first option) or NO (reject and decline everything) for the two tools that ask the user;
-    `ask` is how they ask, and `ui` where hunks and questions are shown.
+    `ask` is how they ask, and `ui` where hunks and questions are shown. Disk work runs in a
+    thread (asyncio.to_thread): a slow disk never stops the socket being read.
     """
 
     def __init__(self, root: Path | str, ask: Ask = no_terminal, policy: str = ASK, ui: TextIO = sys.stderr) -> None:
@@ -376,9 +626,9 @@ class Workspace:
     async def call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         """Run one tool request: the result object, or ToolError."""
         if method == "read_file":
-            return self.read_file(params)
+            return await self.read_file(params)
         if method == "write_file":
-            return self.write_file(params)
+            return await self.write_file(params)
         if method == "git.diff":
             return await self.git_diff(params)
         if method == "apply_patch":
@@ -389,82 +639,226 @@ class Workspace:
             return await self.prompt_user(params)
         raise ToolError("not_implemented", f"this IDE has no tool {method!r}")
 
-    def resolve(self, path: Any) -> Path:
-        """The real location of a workspace-relative path; outside_workspace if it leaves the root.
+    # -- paths: every tool finds its files through walk() -------------------------------------------
 
-        Path.resolve() follows every symlink that exists along the way (a link inside the
-        workspace pointing out is caught) and folds `..` lexically where nothing exists yet.
+    def walk(self, path: Any) -> tuple[int, list[str], str]:
+        """Find a workspace path without ever leaving the workspace: (an open descriptor of the
+        directory that holds it, the directories still to be made below that one, its name).
+
+        Each directory is opened from the one before it with O_NOFOLLOW, never by its full path,
+        so a directory swapped for a symlink after it was checked fails to open rather than lead
+        outside (openat2's RESOLVE_BENEATH, Go's os.Root, runc's securejoin work this way). A
+        symlink met on the way is read and its target walked the same way: followed while it
+        stays inside, outside_workspace once it leaves; so is `..` above the root, and any name
+        `.git`. A missing directory is walked by name (`new/../x` is x), so an escape through
+        one is refused before anything is made. The name is "." when the path ends on a directory.
         """
         if not isinstance(path, str) or not path or "\0" in path:
             raise ToolError("invalid_arguments", f"path must be a non-empty string, got {path!r}")
-        if Path(path).is_absolute():
+        if os.path.isabs(path):
             raise ToolError("outside_workspace", f"{path!r} is absolute; paths are relative to the workspace root")
-        target = (self.root / path).resolve()
-        if not target.is_relative_to(self.root):
-            raise ToolError("outside_workspace", f"{path!r} resolves outside the workspace; paths must stay inside it")  # where it points is not told
-        return target
+        parts = path.split("/")
+        fds = [os.open(self.root, DIR_FLAGS)]
+        missing: list[str] = []
+        links = 0
+        try:
+            while parts:
+                name = parts.pop(0)
+                if name in ("", "."):
+                    continue
+                if name == "..":
+                    if missing:
+                        missing.pop()
+                    elif len(fds) > 1:
+                        os.close(fds.pop())
+                    else:  # where it points is not told
+                        raise ToolError("outside_workspace", f"{path!r} resolves outside the workspace; paths must stay inside it")
+                    continue
+                if name.casefold() == ".git":  # casefold: macOS and Windows disks ignore case
+                    raise ToolError("outside_workspace", f"{path!r} is inside .git: the repository's own files are off limits to every tool (git_diff reads the repository)")
+                last = all(part in ("", ".") for part in parts)
+                target = None if missing else readlink(name, fds[-1])
+                if target is not None:
+                    links += 1
+                    if links > MAX_SYMLINKS:
+                        raise OSError(errno.ELOOP, os.strerror(errno.ELOOP))
+                    parts = self.link_parts(path, target, fds) + parts
+                elif last:
+                    break
+                elif missing:
+                    missing.append(name)
+                else:
+                    try:  # O_NOFOLLOW: a symlink swapped in since readlink() fails here (ENOTDIR)
+                        fds.append(os.open(name, DIR_FLAGS, dir_fd=fds[-1]))
+                    except FileNotFoundError:
+                        missing.append(name)
+            else:
+                name = "."
+            for fd in fds[:-1]:
+                os.close(fd)
+            return fds[-1], missing, name
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+
+    def link_parts(self, path: str, target: str, fds: list[int]) -> list[str]:
+        """The names a symlink's target adds to the walk. A relative target goes on from the
+        link's directory (fds[-1]); an absolute one must name a place inside the root, and goes
+        on from there (fds is cut back to the root)."""
+        if not os.path.isabs(target):
+            return target.split("/")
+        root = str(self.root).rstrip("/") + "/"
+        if not (target + "/").startswith(root):
+            raise ToolError("outside_workspace", f"{path!r} resolves outside the workspace; paths must stay inside it")
+        while len(fds) > 1:
+            os.close(fds.pop())
+        return target[len(root) :].split("/")
+
+    def check(self, path: Any) -> None:
+        """Refuse a path that leaves the workspace or enters .git; it need not exist."""
+        with contextlib.suppress(OSError):  # a loop, or a file where a directory should be: nothing is there
+            os.close(self.walk(path)[0])
+
+    def open_file(self, path: str) -> int:
+        """A descriptor open for reading on a regular file of the workspace."""
+        try:
+            dir_fd, missing, name = self.walk(path)
+        except OSError as exc:
+            raise ToolError("io_error", f"cannot read {path!r}: {exc.strerror or exc}") from None
+        try:
+            if missing:
+                raise FileNotFoundError
+            # O_NOFOLLOW: a symlink swapped in since the walk fails (ELOOP); O_NONBLOCK: a FIFO does not hang
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise ToolError("not_found", f"{path!r} does not exist") from None
+        except OSError as exc:
+            raise ToolError("io_error", f"cannot read {path!r}: {exc.strerror or exc}") from None
+        finally:
+            os.close(dir_fd)
+        kind = stat.S_IFMT(os.fstat(fd).st_mode)
+        if kind != stat.S_IFREG:
+            os.close(fd)
+            if kind == stat.S_IFDIR:
+                raise ToolError("is_directory", f"{path!r} is a directory")
+            raise ToolError("io_error", f"cannot read {path!r}: not a regular file")
+        return fd
+
+    # -- the atomic writer: write_file and every patch write through it -----------------------------
+
+    def atomic_write(self, changes: list[Change]) -> list[bool]:
+        """Make every change or none; for each, whether it created its file.
+
+        First every new content goes to a temp file beside its target, written and fsynced: a
+        full disk or any other failure there removes the temp files (and directories made for
+        them), and every file is as it was. Then each is renamed over its target (atomic, and a
+        rename replaces a name, never following it), deletions last. A rename failing part-way is
+        io_error naming exactly which files changed and which did not.
+        """
+        staged: list[Staged] = []
+        try:
+            for change in changes:
+                staged.append(self.stage(change))
+            order = [item for item in staged if item.temp is not None] + [item for item in staged if item.temp is None]
+            for done, item in enumerate(order):
+                try:
+                    item.install()
+                except OSError as exc:
+                    changed, unchanged = [i.path for i in order[:done]], [i.path for i in order[done:]]
+                    message = f"the change was made only in part: {', '.join(changed) or 'no file'} changed; {', '.join(unchanged)} did not ({item.path}: {exc.strerror or exc})"
+                    raise ToolError("io_error", message, {"changed": changed, "unchanged": unchanged}) from None
+            return [item.created for item in staged]
+        except BaseException:
+            for item in reversed(staged):
+                item.discard()
+            raise
+        finally:
+            for item in staged:
+                item.close()
+
+    def stage(self, change: Change) -> Staged:
+        """Walk to the change's file, make its missing directories, write its temp file."""
+        item: Staged | None = None
+        try:
+            dir_fd, missing, name = self.walk(change.path)
+            item = Staged(change.path, name, [dir_fd])
+            if name == ".":
+                raise ToolError("is_directory", f"{change.path!r} is a directory")
+            old = None if missing else lstat(name, dir_fd)
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                raise ToolError("is_directory", f"{change.path!r} is a directory")
+            if old is not None and not stat.S_ISREG(old.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            if change.data is None:
+                if old is None:
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+                return item
+            for directory in missing:
+                parent = item.fds[-1]
+                os.mkdir(directory, dir_fd=parent)
+                item.made.append(directory)
+                item.fds.append(os.open(directory, DIR_FLAGS, dir_fd=parent))
+            item.created = old is None
+            mode = change.mode if change.mode is not None else stat.S_IMODE(old.st_mode) if old is not None else NEW_FILE_MODE
+            item.temp = write_temp(item.fds[-1], name, change.data, mode)
+            return item
+        except BaseException as exc:
+            if item is not None:
+                item.discard()
+                item.close()
+            if isinstance(exc, OSError):
+                raise ToolError("io_error", f"cannot write {change.path!r}: {exc.strerror or exc}") from None
+            raise
 
     # -- read_file, write_file -------------------------------------------------------------------
 
-    def read_file(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def read_file(self, params: dict[str, Any]) -> dict[str, Any]:
         """{path, start_line?, end_line?} -> {path, content, start_line, end_line, total_lines, truncated}.
 
-        Lines are 1-based and inclusive; end_line past the end is clamped. An empty file
-        returns start_line 1, end_line 0. The file is read whole: total_lines needs every line.
+        Lines are 1-based and inclusive; end_line past the end is clamped. An empty file returns
+        start_line 1, end_line 0. The file is streamed, at most READ_SCAN_BYTES of it: past
+        that, total_lines is null and later lines cannot be reached (file_too_large).
         """
         check_args(params, {"path": str}, {"start_line": int, "end_line": int})
-        path = params["path"]
-        target = self.resolve(path)
         start, end = params.get("start_line", 1), params.get("end_line")
         if start < 1 or (end is not None and end < 1):
             raise ToolError("bad_range", f"lines are numbered from 1; got start_line={start}, end_line={end}")
         if end is not None and start > end:
             raise ToolError("bad_range", f"start_line {start} is after end_line {end}")
-        if target.is_dir():
-            raise ToolError("is_directory", f"{path!r} is a directory")
-        try:
-            data = target.read_bytes()
-        except FileNotFoundError:
-            raise ToolError("not_found", f"{path!r} does not exist") from None
-        except OSError as exc:
-            raise ToolError("io_error", f"cannot read {path!r}: {exc.strerror or exc}") from None
-        try:
-            if b"\0" in data:
-                raise ValueError
-            lines = split_lines(data.decode("utf-8"))
-        except ValueError:
-            raise ToolError("binary_file", f"{path!r} is not a UTF-8 text file") from None
-        total = len(lines)
+        return await asyncio.to_thread(self.read_lines, params["path"], start, end)
+
+    def read_lines(self, path: str, start: int, end: int | None) -> dict[str, Any]:
+        """read_file's disk work, in a thread."""
+        with os.fdopen(self.open_file(path), "rb") as f:
+            try:
+                lines, total, covered = scan_lines(f, start, end)
+            except ValueError:
+                raise ToolError("binary_file", f"{path!r} is not a UTF-8 text file") from None
+            except OSError as exc:
+                raise ToolError("io_error", f"cannot read {path!r}: {exc.strerror or exc}") from None
         if total == 0:
             return {"path": path, "content": "", "start_line": 1, "end_line": 0, "total_lines": 0, "truncated": False}
-        if start > total:
+        if not lines and total is None:
+            raise ToolError("file_too_large", f"line {start} of {path!r} is past its first {READ_SCAN_BYTES >> 20} MiB, the most read_file reads")
+        if not lines:
             raise ToolError("bad_range", f"start_line {start} is past the end of {path!r}, which has {total} lines")
-        end = min(end or total, total)
-        content, truncated = take_lines(lines[start - 1 : end], READ_CAP_BYTES)
+        content, cut = take_lines(lines[:READ_MAX_LINES], READ_CAP_BYTES)
         return {
             "path": path,
             "content": "".join(content),
             "start_line": start,
             "end_line": start + len(content) - 1,
             "total_lines": total,
-            "truncated": truncated,
+            "truncated": cut or not covered,
         }
 
-    def write_file(self, params: dict[str, Any]) -> dict[str, Any]:
+    async def write_file(self, params: dict[str, Any]) -> dict[str, Any]:
         """{path, content} -> {path, created, bytes_written}. Parent directories are created."""
         check_args(params, {"path": str, "content": str}, {})
-        path = params["path"]
-        target = self.resolve(path)
-        if target.is_dir():
-            raise ToolError("is_directory", f"{path!r} is a directory")
         data = params["content"].encode("utf-8")
-        created = not target.exists()
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(target, data)
-        except OSError as exc:
-            raise ToolError("io_error", f"cannot write {path!r}: {exc.strerror or exc}") from None
-        return {"path": path, "created": created, "bytes_written": len(data)}
+        [created] = await asyncio.to_thread(self.atomic_write, [Change(params["path"], data)])
+        return {"path": params["path"], "created": created, "bytes_written": len(data)}
 
     # -- git.diff --------------------------------------------------------------------------------
 
@@ -473,32 +867,37 @@ class Workspace:
         check_args(params, {}, {"staged": bool, "base": str, "paths": list})
         paths: list[Any] = params.get("paths", [])
         for path in paths:
-            self.resolve(path)  # refuses what is not a string or leaves the workspace
+            self.check(path)  # refuses what is not a string, leaves the workspace or enters .git
         if await git_prefix(self.root) is None:
             raise ToolError("not_a_git_repository", f"the workspace {self.root} is not inside a git repository")
         # --relative: paths relative to the workspace even when it is a subdirectory of the repo;
-        # --no-color / --no-ext-diff: plain diff text whatever the user's git config says
-        args = ["diff", "--no-color", "--no-ext-diff", "--relative"]
+        # --no-color: plain diff text whatever the user's git config says; --no-ext-diff and
+        # --no-textconv: no program named by the config; --ignore-submodules=dirty: no git
+        # status run inside a submodule, under the submodule's own config
+        args = ["diff", "--no-color", "--no-ext-diff", "--no-textconv", "--ignore-submodules=dirty", "--submodule=short", "--relative"]
         if params.get("staged"):
             args.append("--cached")
         base = params.get("base")
         if base is not None:
             if not base or base.startswith("-"):  # it would be read as an option
                 raise ToolError("bad_ref", f"base {base!r} is not a ref")
-            status, _, _ = await git(self.root, ["rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"])
-            if status != 0:
+            if (await git(self.root, ["rev-parse", "--verify", "--quiet", f"{base}^{{commit}}"])).status != 0:
                 raise ToolError("bad_ref", f"base {base!r} does not name a commit in this repository")
             args.append(base)
-        status, out, err = await git(self.root, [*args, "--", *paths])
-        if status != 0:
-            raise ToolError("git_failed", f"git diff failed: {err.strip()}", {"stderr": err})
-        kept, truncated = take_lines(split_lines(out.decode("utf-8", errors="replace")), DIFF_CAP_BYTES)
-        return {"diff": "".join(kept), "truncated": truncated}
+        run = await git(self.root, [*args, "--", *paths], limit=DIFF_CAP_BYTES, config=await git_filters_off(self.root))
+        if run.status != 0 and not run.cut:
+            raise ToolError("git_failed", f"git diff failed: {run.err.strip()}", {"stderr": run.err})
+        text = run.out.decode("utf-8", errors="replace")
+        if run.cut:  # git was stopped in the middle of a line
+            text = text[: text.rfind("\n") + 1]
+        kept, truncated = take_lines(split_lines(text), DIFF_CAP_BYTES)
+        return {"diff": "".join(kept), "truncated": truncated or run.cut}
 
     # -- apply_patch, apply_patch_review ---------------------------------------------------------
 
     def check_patch(self, diff: Any) -> list[FileDiff]:
-        """Parse a diff and check every path its headers name, before anything is touched."""
+        """Split a diff into files and hunks and check every path its headers name: an early,
+        clear refusal. What git will touch is checked again, from git's own reading (apply)."""
         if not isinstance(diff, str):
             raise ToolError("invalid_arguments", f"diff must be a string, got {type(diff).__name__}")
         files = parse_diff(diff)
@@ -507,36 +906,126 @@ class Workspace:
         for file in files:
             for path in file.paths:
                 if path != "/dev/null":
-                    self.resolve(path)  # an absolute header path is refused here too
+                    self.check(path)  # an absolute header path is refused here too
         return files
 
-    async def apply(self, diff: str, files: list[FileDiff]) -> list[str]:
-        """`git apply` the checked diff, all or nothing; the paths it changed."""
-        # in a subdirectory of a repository git apply takes paths from the repository's top and
-        # silently skips the rest: --directory puts them back under the workspace
-        prefix = await git_prefix(self.root)
-        args = ["apply", "--recount", "--whitespace=nowarn"] + ([f"--directory={prefix}"] if prefix else [])
-        status, _, err = await git(self.root, [*args, "--check", "-"], diff.encode("utf-8"))
-        if status == 0:  # the check passed: apply for real (git apply is itself all or nothing)
-            status, _, err = await git(self.root, [*args, "-"], diff.encode("utf-8"))
-        if status != 0:
-            raise patch_error(err, files, status, prefix or "")
-        return [path for path in dict.fromkeys(file.path for file in files) if path]
+    async def patch_paths(self, diff: bytes, scratch: str) -> list[str]:
+        """Every path git will touch applying `diff`, as git itself reads the diff, each checked.
+
+        `git apply --numstat` names each file's new path (the old one for a deletion); read
+        reversed (-R), the diff names the old path of each rename and copy. A diff can hold a
+        section that no other parser sees the way git does: only git's own reading is trusted.
+        """
+        paths: list[str] = []
+        for reverse in ([], ["-R"]):
+            run = await git(scratch, ["apply", *APPLY_OPTIONS, "--numstat", "-z", *reverse, "-"], diff, isolated=True)
+            if run.status != 0 or run.cut:
+                raise patch_error(run.err, [], run.status)
+            entries = run.out.split(b"\0")[:-1]  # b"ADDED\tDELETED\tPATH" each
+            for entry in reversed(entries) if reverse else entries:
+                try:
+                    path = entry.split(b"\t", 2)[2].decode("utf-8")
+                except (IndexError, UnicodeDecodeError):
+                    raise ToolError("patch_invalid", f"git reads a path in this diff that is not UTF-8: {entry!r:.100}") from None
+                if path not in paths:
+                    paths.append(path)
+        for path in paths:
+            self.check(path)
+            if any(part in ("", ".", "..") for part in path.split("/")):  # git refuses them too; copy_out must not meet them
+                raise ToolError("patch_invalid", f"the diff names the path {path!r}; paths in a patch are plain, without . or ..")
+        return paths
+
+    async def apply(self, diff: str) -> list[str]:
+        """Apply a diff all or nothing; the paths it changed.
+
+        git applies it to copies of the files it names, in a private directory where it sees no
+        repository and no config (so no filter or hook of the user's repository runs); the
+        results are checked (no symlink, no new executable) and go through atomic_write.
+        """
+        data = diff.encode("utf-8")
+        try:
+            with tempfile.TemporaryDirectory(prefix="ide-patch-") as scratch:
+                paths = await self.patch_paths(data, scratch)
+                originals = await asyncio.to_thread(self.copy_out, paths, scratch)
+                run = await git(scratch, ["apply", *APPLY_OPTIONS, "-"], data, isolated=True)
+                if run.status != 0:
+                    raise patch_error(run.err, parse_diff(diff), run.status)
+                changes = await asyncio.to_thread(self.results, paths, scratch, originals)
+        except OSError as exc:  # the scratch directory's disk is full, say
+            raise ToolError("io_error", f"cannot apply the patch: {exc.strerror or exc}. Nothing was changed.") from None
+        await asyncio.to_thread(self.atomic_write, changes)
+        return [change.path for change in changes]
+
+    def copy_out(self, paths: list[str], scratch: str) -> dict[str, tuple[bytes, int]]:
+        """Copy each of `paths` that exists into scratch, as a plain file with its permission
+        bits: what git apply will see. Returns each copy's (content, mode)."""
+        originals: dict[str, tuple[bytes, int]] = {}
+        for path in paths:
+            try:
+                fd = self.open_file(path)
+            except ToolError as exc:
+                if exc.name == "not_found":
+                    continue
+                raise ToolError("patch_failed", f"{path}: {exc.message}. Nothing was changed.") from None
+            with os.fdopen(fd, "rb") as f:
+                originals[path] = (f.read(), stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+            copy = os.path.join(scratch, path)
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            with open(copy, "xb") as out:
+                out.write(originals[path][0])
+            os.chmod(copy, originals[path][1])
+        return originals
+
+    def results(self, paths: list[str], scratch: str, originals: dict[str, tuple[bytes, int]]) -> list[Change]:
+        """What git apply made of each path in scratch, as changes for atomic_write.
+
+        Refused: a symlink (it could point anywhere, for the user's own tools to follow) and a
+        file made executable (a hook or script the user might run without reading it); an
+        executable file that is patched stays executable, as write_file keeps modes.
+        """
+        changes: list[Change] = []
+        for path in paths:
+            copy = os.path.join(scratch, path)
+            try:
+                info = os.lstat(copy)
+            except FileNotFoundError:
+                if path in originals:
+                    changes.append(Change(path, None))  # deleted, or renamed away
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                made = "a symlink" if stat.S_ISLNK(info.st_mode) else "something other than a file"
+                raise ToolError("patch_invalid", f"{path}: the patch makes {made}, which this IDE does not do. Nothing was changed.")
+            with open(copy, "rb") as f:
+                data, mode = f.read(), stat.S_IMODE(info.st_mode)
+            old = originals.get(path)
+            if old == (data, mode):  # the source of a copy: untouched
+                continue
+            if mode & 0o111 and not (old and old[1] & 0o111):
+                raise ToolError("patch_invalid", f"{path}: the patch makes it executable, which this IDE does not do (ask the user to chmod it). Nothing was changed.")
+            keep = old[1] if old else NEW_FILE_MODE
+            changes.append(Change(path, data, keep if mode & 0o111 else keep & ~0o111))
+        return changes
 
     async def apply_patch(self, params: dict[str, Any]) -> dict[str, Any]:
-        """{diff} -> {applied: true, files}."""
+        """{diff} -> {applied: true, files}: files are every path git changed."""
         check_args(params, {"diff": str}, {})
-        files = self.check_patch(params["diff"])
-        return {"applied": True, "files": await self.apply(params["diff"], files)}
+        self.check_patch(params["diff"])
+        return {"applied": True, "files": await self.apply(params["diff"])}
 
     async def apply_patch_review(self, params: dict[str, Any]) -> dict[str, Any]:
         """{diff, message?} -> {accepted, rejected, applied, files}: only accepted hunks apply.
 
         Hunks are numbered from 0 across the whole diff. A file with no hunks (a rename, a mode
-        change) is one item to accept or reject on its own.
+        change) is one item to accept or reject on its own. The user sees the files as split
+        here; a diff that git reads as touching other files than these is refused before asking.
         """
         check_args(params, {"diff": str}, {"message": str})
         files = self.check_patch(params["diff"])
+        with tempfile.TemporaryDirectory(prefix="ide-patch-") as scratch:
+            seen = await self.patch_paths(params["diff"].encode("utf-8"), scratch)
+        shown = {path for file in files for path in file.paths if path != "/dev/null"}
+        if set(seen) != shown:
+            raise ToolError("patch_invalid", f"git reads this diff as changing {', '.join(map(repr, seen))}, but its headers show {', '.join(map(repr, sorted(shown)))}; send each file's section with its own `diff --git` header")
         items = [(file, hunk) for file in files for hunk in (file.hunks or [""])]
         if self.policy == ASK:
             async with self.dialogue:
@@ -550,18 +1039,18 @@ class Workspace:
             hunks = [hunk for i, (owner, hunk) in enumerate(items) if owner is file and decisions[i]]
             if hunks:
                 kept.append(FileDiff(file.header, [h for h in hunks if h], file.paths, file.git))
-        applied = await self.apply(join_diff(kept), kept) if kept else []
+        applied = await self.apply(join_diff(kept)) if kept else []
         return {"accepted": accepted, "rejected": rejected, "applied": bool(kept), "files": applied}
 
     async def review(self, message: str, items: list[tuple[FileDiff, str]]) -> list[bool]:
         """Show each hunk and ask: [y]es / [n]o / [a]ll (this and the rest) / [d]one (reject the rest)."""
         if message:
-            self.ui.write(self.paint(message, "1") + "\n")
+            self.ui.write(self.paint(visible(message), "1") + "\n")
         decisions: list[bool] = []
         rest: bool | None = None  # set by [a]ll or [d]one, or by the user going away (EOF)
         for i, (file, hunk) in enumerate(items):
             if rest is None:
-                self.ui.write(self.paint(f"{file.path}: hunk {i + 1} of {len(items)}", "1") + "\n")
+                self.ui.write(self.paint(f"{visible(file.path, one_line=True)}: hunk {i + 1} of {len(items)}", "1") + "\n")
                 self.ui.write("".join(self.paint_line(line) for line in split_lines(hunk or "".join(file.header))))
                 while rest is None:
                     try:
@@ -581,10 +1070,11 @@ class Workspace:
         return decisions
 
     def paint(self, text: str, sgr: str) -> str:
+        """Colour text that is already visible(): the only escape sequences ide.py writes."""
         return f"\x1b[{sgr}m{text}\x1b[0m" if self.colour else text
 
     def paint_line(self, line: str) -> str:
-        body = line.rstrip("\n")
+        body = visible(line.rstrip("\n"), one_line=True)  # a \r would hide what comes before it
         sgr = "36" if body.startswith("@@") else "32" if body.startswith("+") else "31" if body.startswith("-") else ""
         return (self.paint(body, sgr) if sgr else body) + "\n"
 
@@ -599,9 +1089,9 @@ class Workspace:
         if self.policy != ASK:
             answer = (options[0] if options else "yes") if self.policy == YES else None
             return {"answer": answer, "declined": answer is None}
-        menu = "".join(f"  {n}) {option}\n" for n, option in enumerate(options, 1))
+        menu = "".join(f"  {n}) {visible(option, one_line=True)}\n" for n, option in enumerate(options, 1))
         async with self.dialogue:
-            self.ui.write(self.paint(params["message"], "1") + "\n" + menu)
+            self.ui.write(self.paint(visible(params["message"]), "1") + "\n" + menu)
             while True:
                 try:
                     answer = (await self.ask("answer (empty to decline): ")).strip()
@@ -614,7 +1104,7 @@ class Workspace:
                 chosen = choose(answer, options)
                 if chosen is not None:
                     return {"answer": chosen, "declined": False}
-                self.ui.write(f"Please answer one of: {', '.join(options)} (or its number).\n")
+                self.ui.write(f"Please answer one of: {visible(', '.join(options), one_line=True)} (or its number).\n")
 
 
 def choose(answer: str, options: list[str]) -> str | None:
@@ -631,12 +1121,12 @@ def choose(answer: str, options: list[str]) -> str | None:
     return starting[0] if len(starting) == 1 else None
 
 
-def patch_error(stderr: str, files: list[FileDiff], status: int, prefix: str) -> ToolError:
+def patch_error(stderr: str, files: list[FileDiff], status: int) -> ToolError:
     """Turn git apply's complaint into an error naming the file and the hunk."""
     data: dict[str, Any] = {"stderr": stderr}
     failed = _PATCH_FAILED.search(stderr)  # "error: patch failed: src/auth.js:3"
     if failed:
-        path, line = failed.group(1).removeprefix(prefix), int(failed.group(2))
+        path, line = failed.group(1), int(failed.group(2))
         data.update({"file": path, "line": line})
         hunks = [(file, hunk) for file in files for hunk in file.hunks]
         for n, (file, hunk) in enumerate(hunks):
@@ -705,9 +1195,12 @@ async def receive(ws: aiohttp.ClientWebSocketResponse) -> str:
     raise ClientExit(f"the gateway closed the connection (code {code}{': ' + reason if reason else ''})", EXIT_CONNECTION)
 
 
-def describe(method: str, params: dict[str, Any]) -> str:
-    """A few words for the tool's log line: its path, base, files or question."""
-    if isinstance(params.get("diff"), str):
+def describe(method: str, params: dict[str, Any], value: dict[str, Any] | None = None) -> str:
+    """A few words for the tool's log line: its path, base, files or question. For an applied
+    patch, the files git changed, not the ones its headers name."""
+    if method == "apply_patch" and value:
+        detail = " ".join(value["files"])
+    elif isinstance(params.get("diff"), str):
         detail = " ".join(dict.fromkeys(file.path for file in parse_diff(params["diff"])))
     else:
         detail = params.get("path") or params.get("base") or params.get("message") or params.get("paths") or ""
@@ -733,7 +1226,7 @@ class Screen:
         self.line_open = False  # text was written to `out` since its last newline
 
     def text(self, text: str) -> None:
-        self.out.write(text)
+        self.out.write(visible(text))  # the model's text cannot drive the terminal
         self.out.flush()
         if text:
             self.line_open = not text.endswith("\n")
@@ -746,12 +1239,13 @@ class Screen:
 
     def say(self, line: str) -> None:
         self.end_line()
-        self.note.write(line + "\n")
+        self.note.write(visible(line, one_line=True) + "\n")  # paths, questions and error messages come from the model
         self.note.flush()
 
 
 async def answer_tool(ws: aiohttp.ClientWebSocketResponse, message: Message, workspace: Workspace, screen: Screen) -> None:
     """Run one tool request and send its response; the id is the model's tool-call id, verbatim."""
+    value = None
     try:
         value = await workspace.call(message.method, message.params)
         frame, said = result(message.id, value), outcome(message.method, value)
@@ -759,7 +1253,7 @@ async def answer_tool(ws: aiohttp.ClientWebSocketResponse, message: Message, wor
         frame, said = exc.response(message.id), f"error: {exc.message}"
     except Exception as exc:  # a bug in a tool must not leave the agent waiting: it gets the error
         frame, said = error_response(message.id, INTERNAL_ERROR, f"the IDE failed running {message.method}: {exc!r}"), f"crashed: {exc!r}"
-    screen.say(f"[tool] {describe(message.method, message.params)} -> {said}")
+    screen.say(f"[tool] {describe(message.method, message.params, value)} -> {said}")
     with contextlib.suppress(ClientExit):  # the socket is gone: run_turn's reading reports it
         await send(ws, frame)
 
