@@ -289,12 +289,13 @@ async def test_write_below_a_file_is_io_error(root: Path) -> None:
     assert (root / "a.txt").read_text() == "keep"
 
 
-def test_atomic_write_failed_rename_removes_temp_and_keeps_target(root: Path) -> None:
-    """When the final rename fails (here the target is a directory) nothing is left behind."""
+def test_atomic_write_to_a_directory_changes_nothing(root: Path) -> None:
+    """A directory among the targets: is_directory, the other file not written, no temp file left."""
     (root / "target").mkdir()
     (root / "target" / "inside.txt").write_text("intact")
-    with pytest.raises(OSError):
-        ide.atomic_write(root / "target", b"new")
+    with pytest.raises(ToolError) as caught:
+        Workspace(root).atomic_write([ide.Change("first.txt", b"new"), ide.Change("target", b"new")])
+    assert caught.value.name == "is_directory"
     assert files_under(root) == {"target", "target/inside.txt"}
     assert (root / "target" / "inside.txt").read_text() == "intact"
 

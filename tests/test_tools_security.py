@@ -1,0 +1,451 @@
+"""Issue 11 replayed: the model as the attacker, through the real stack (fake_llm's [call:...] →
+llm_proxy → agent → gateway → ide.py → disk), and each defence of ide.py's tools checked.
+
+Every attack must execute nothing, write nothing outside the workspace or into .git, never
+leave a file half-written, and never misinform the model or the user. The race is in
+test_tools_security_race.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ide
+from conftest import ROOT, Stack
+from ide import ToolError, Workspace
+from test_ide_tools import scripted
+from test_tools_e2e import calling, drive, git, outside_state, repo, workspace
+
+RUN_TIMEOUT_S = 60  # one `python ide.py` turn, a hang bound on a loaded 2-core machine
+FILE_LIMIT = 64 * 1024  # RLIMIT_FSIZE of an IDE on a "full disk": no file may grow past it
+
+
+class Tty(io.StringIO):
+    """A terminal for the review's colours."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def ide_run(stack: Stack, root: Path, prompt: str, file_limit: int | None = None) -> tuple[subprocess.CompletedProcess[str], Any]:
+    """`python ide.py --yes PROMPT`, the way the issue replayed each attack; with `file_limit`,
+    on a disk that is full past that many bytes. Returns the process and the tool result the
+    model read (fake_llm echoes it as `NAME returned: JSON`)."""
+
+    def full_disk() -> None:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "ide.py"), "--workspace", str(root), "--gateway", stack.ws_url, "--token", stack.token, "--yes", prompt],
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        preexec_fn=full_disk if file_limit else None,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    _, found, returned = done.stdout.partition(" returned: ")
+    return done, json.loads(returned.splitlines()[0]) if found else None
+
+
+def marker_files(tmp_path: Path) -> list[str]:
+    """The files a planted command would leave: their existence means the command ran."""
+    return sorted(p.name for p in tmp_path.glob("ran-*"))
+
+
+def plant(root: Path, tmp_path: Path) -> None:
+    """A repository config that runs a command from every door issue 11 found, as if an earlier
+    attack had written it (or the user had downloaded a hostile checkout), and the attributes and
+    hooks that call them. Each command leaves tmp_path/ran-NAME when it runs."""
+    ran = lambda name: f"touch {tmp_path}/ran-{name}"  # noqa: E731
+    git(root, "config", "core.fsmonitor", ran("fsmonitor"))
+    git(root, "config", "diff.external", ran("external") + "; false")
+    git(root, "config", "diff.evil.command", ran("diff-command") + "; false")
+    git(root, "config", "diff.evil.textconv", f"sh -c '{ran('textconv')}; cat \"$0\"'")
+    git(root, "config", "filter.evil.clean", f"sh -c '{ran('clean')}; cat'")
+    git(root, "config", "filter.evil.smudge", f"sh -c '{ran('smudge')}; cat'")
+    git(root, "config", "filter.proc.process", ran("process"))
+    git(root, "config", "core.hooksPath", "hooks")
+    (root / "hooks").mkdir()
+    for hook in ("pre-commit", "post-index-change", "post-checkout", "pre-applypatch", "post-applypatch"):
+        (root / "hooks" / hook).write_text(f"#!/bin/sh\n{ran('hook-' + hook)}\n")
+        (root / "hooks" / hook).chmod(0o755)
+    (root / ".gitattributes").write_text("*.txt diff=evil filter=evil\n*.md filter=proc\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. .git is off limits, and git runs no command the repository names
+# ---------------------------------------------------------------------------------------------
+
+FSMONITOR_CONFIG = '[core]\n\tfsmonitor = "touch {marker}"\n'
+INTO_GIT = [  # (tool, arguments): each would plant a command for git or the user's next commit
+    ("write_file", {"path": ".git/config", "content": FSMONITOR_CONFIG}),
+    ("write_file", {"path": "src/../.git/hooks/pre-commit", "content": "#!/bin/sh\ntouch {marker}\n"}),
+    ("write_file", {"path": ".GIT/config", "content": FSMONITOR_CONFIG}),
+    ("read_file", {"path": ".git/config"}),
+    ("apply_patch", {"diff": "diff --git a/.git/config b/.git/config\n--- a/.git/config\n+++ b/.git/config\n@@ -1 +1,2 @@\n [core]\n+\tfsmonitor = \"touch {marker}\"\n"}),
+    ("apply_patch", {"diff": "diff --git a/a.txt b/a.txt\ncopy from a.txt\ncopy to .git/hooks/pre-commit\n"}),
+    ("apply_patch", {"diff": "--- a/notes.txt\n+++ b/notes.txt\n@@ -1 +1,2 @@\n hello\n+x\ndiff -r a b\n--- a/.git/info/attributes\n+++ b/.git/info/attributes\n@@ -0,0 +1 @@\n+* filter=evil\n"}),
+    ("apply_patch_review", {"diff": "diff --git a/.git/hooks/pre-commit b/.git/hooks/pre-commit\nnew file mode 100755\n--- /dev/null\n+++ b/.git/hooks/pre-commit\n@@ -0,0 +1,2 @@\n+#!/bin/sh\n+touch {marker}\n"}),
+    ("git_diff", {"paths": [".git"]}),
+]
+
+
+@pytest.mark.parametrize(("name", "arguments"), INTO_GIT, ids=["write-config", "write-hook-dotdot", "write-config-other-case", "read-config", "patch-config", "copy-to-hook", "hidden-section", "review-new-hook", "diff-git-dir"])
+async def test_git_dir_is_off_limits_to_every_tool(stack: Stack, tmp_path: Path, name: str, arguments: dict[str, Any]) -> None:
+    """A path through .git is outside_workspace for every tool; .git is untouched and the git_diff after it runs nothing."""
+    root = repo(tmp_path, **{"notes.txt": "hello\n", "a.txt": "a\n"})
+    marker = tmp_path / "ran-planted"
+    before = {p: p.read_bytes() for p in (root / ".git").rglob("*") if p.is_file()}
+    arguments = json.loads(json.dumps(arguments).replace("{marker}", str(marker)))
+    (root / "notes.txt").write_text("hello\nchanged\n")
+
+    turn, got = await drive(stack, root, calling(name, **arguments) + " " + calling("git_diff"), policy=ide.YES)
+    assert turn.tools == [name.replace("git_diff", "git.diff"), "git.diff"]
+    assert got["diff"].startswith("diff --git a/notes.txt b/notes.txt")  # the last call's answer
+    assert {p: p.read_bytes() for p in (root / ".git").rglob("*") if p.is_file() and p.name != "index"} == {p: b for p, b in before.items() if p.name != "index"}
+    assert not marker.exists()
+    assert (root / "notes.txt").read_text() == "hello\nchanged\n"
+
+
+@pytest.mark.parametrize(("name", "arguments"), INTO_GIT, ids=["write-config", "write-hook-dotdot", "write-config-other-case", "read-config", "patch-config", "copy-to-hook", "hidden-section", "review-new-hook", "diff-git-dir"])
+async def test_git_dir_refusal_reaches_the_model(stack: Stack, tmp_path: Path, name: str, arguments: dict[str, Any]) -> None:
+    """The model reads outside_workspace (-32012), and nothing of .git's content."""
+    root = repo(tmp_path, **{"notes.txt": "hello\n", "a.txt": "a\n"})
+    _, got = await drive(stack, root, calling(name, **arguments), policy=ide.YES)
+    assert got["error"]["code"] == -32012, got
+    assert "[core]" not in json.dumps(got)
+
+
+async def test_planted_repository_config_runs_nothing(stack: Stack, tmp_path: Path) -> None:
+    """fsmonitor, external diff, textconv, clean/smudge/process filters and hooks planted in .git: git_diff, apply_patch and apply_patch_review run none of them."""
+    root = repo(tmp_path, **{"notes.txt": "hello\n", "README.md": "# demo\n"})
+    plant(root, tmp_path)
+    (root / "notes.txt").write_text("hello\nchanged\n")
+    (root / "README.md").write_text("# demo\nchanged\n")
+    patch = "diff --git a/notes.txt b/notes.txt\n--- a/notes.txt\n+++ b/notes.txt\n@@ -1,2 +1,3 @@\n hello\n changed\n+patched\n"
+    review = "diff --git a/README.md b/README.md\n--- a/README.md\n+++ b/README.md\n@@ -1,2 +1,3 @@\n # demo\n changed\n+reviewed\n"
+    prompt = " ".join([calling("git_diff"), calling("git_diff", staged=True), calling("apply_patch", diff=patch), calling("apply_patch_review", diff=review), calling("git_diff")])
+
+    turn, got = await drive(stack, root, prompt, policy=ide.YES)
+    assert turn.tools == ["git.diff", "git.diff", "apply_patch", "apply_patch_review", "git.diff"]
+    assert marker_files(tmp_path) == []
+    assert "+patched" in got["diff"] and "+reviewed" in got["diff"]  # the tools still work
+    assert (root / "notes.txt").read_text() == "hello\nchanged\npatched\n"
+
+
+async def test_filter_named_so_that_it_cannot_be_switched_off_is_refused(tmp_path: Path) -> None:
+    """A filter driver whose name holds "=" cannot be overridden with -c: git.diff refuses to run rather than run it."""
+    root = repo(tmp_path, **{"notes.txt": "hello\n"})
+    with (root / ".git" / "config").open("a") as config:
+        config.write(f'[filter "a=b"]\n\tclean = touch {tmp_path}/ran-clean\n')
+    (root / ".gitattributes").write_text("*.txt filter=a=b\n")
+    (root / "notes.txt").write_text("changed\n")
+    with pytest.raises(ToolError) as caught:
+        await Workspace(root).call("git.diff", {})
+    assert caught.value.name == "git_failed" and marker_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. git decides which files a patch touches
+# ---------------------------------------------------------------------------------------------
+
+HIDDEN = (  # a second file section behind a `diff ` line: parse_diff sees one file, git two
+    "diff --git a/notes.txt b/notes.txt\n--- a/notes.txt\n+++ b/notes.txt\n@@ -1 +1,2 @@\n hello\n+more\n"
+    "diff -r a b\n--- a/{hidden}\n+++ b/{hidden}\n@@ -0,0 +1 @@\n+evil\n"
+)
+
+
+async def test_hidden_file_section_is_reported_to_the_model(stack: Stack, tmp_path: Path) -> None:
+    """The file git creates that the diff's headers hide is listed in the result and on the user's tool line."""
+    root = workspace(tmp_path, **{"notes.txt": "hello\n"})
+    _, got = await drive(stack, root, calling("apply_patch", diff=HIDDEN.format(hidden="src/hidden.js")))
+    assert got == {"applied": True, "files": ["notes.txt", "src/hidden.js"]}  # was: ["notes.txt"]
+    assert (root / "src" / "hidden.js").read_text() == "evil\n"
+
+
+@pytest.mark.parametrize("hidden", ["../outside/new.js", "linkdir/new.js", ".git/hooks/pre-commit"], ids=["dotdot", "symlinked-dir", "git-dir"])
+async def test_hidden_file_section_is_path_checked(stack: Stack, tmp_path: Path, hidden: str) -> None:
+    """A hidden section leaving the workspace is outside_workspace, and the visible file is not changed either."""
+    (tmp_path / "outside").mkdir()
+    root = repo(tmp_path, **{"notes.txt": "hello\n"})
+    (root / "linkdir").symlink_to(tmp_path / "outside", target_is_directory=True)
+    before = outside_state(tmp_path)
+    _, got = await drive(stack, root, calling("apply_patch", diff=HIDDEN.format(hidden=hidden)))
+    assert got["error"]["code"] == -32012, got
+    assert outside_state(tmp_path) == before and (root / "notes.txt").read_text() == "hello\n"
+
+
+async def test_review_of_a_diff_git_reads_differently_asks_nothing(stack: Stack, tmp_path: Path) -> None:
+    """apply_patch_review refuses a diff whose files, as git reads them, are not the ones the user would be shown."""
+    root = workspace(tmp_path, **{"notes.txt": "hello\n"})
+    ask = scripted("y", "y")
+    _, got = await drive(stack, root, calling("apply_patch_review", diff=HIDDEN.format(hidden="src/hidden.js")), ask=ask, policy=ide.ASK)
+    assert got["error"]["code"] == -32020 and "src/hidden.js" in got["error"]["message"]
+    assert ask.prompts == [] and not (root / "src").exists()  # type: ignore[attr-defined]
+
+
+RENAME_OUT = "diff --git a/notes.txt b/notes.txt\nsimilarity index 100%\nrename from notes.txt\nrename to {to}\n"
+SYMLINK = "diff --git a/link b/link\nnew file mode 120000\n--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n+{target}\n\\ No newline at end of file\n"
+NEW_EXECUTABLE = "diff --git a/tools/hooks/pre-commit b/tools/hooks/pre-commit\nnew file mode 100755\n--- /dev/null\n+++ b/tools/hooks/pre-commit\n@@ -0,0 +1,2 @@\n+#!/bin/sh\n+touch {marker}\n"
+MADE_EXECUTABLE = "diff --git a/notes.txt b/notes.txt\nold mode 100644\nnew mode 100755\n"
+
+
+@pytest.mark.parametrize(
+    ("diff", "code"),
+    [
+        (RENAME_OUT.format(to="../outside/notes.txt"), -32012),
+        (RENAME_OUT.format(to=".git/description"), -32012),
+        (SYMLINK.format(target="/etc/passwd"), -32020),
+        (SYMLINK.format(target="notes.txt"), -32020),
+        (NEW_EXECUTABLE, -32020),
+        (MADE_EXECUTABLE, -32020),
+    ],
+    ids=["rename-out", "rename-into-git", "symlink-out", "symlink-in", "new-executable", "made-executable"],
+)
+async def test_renames_symlinks_and_executables_are_refused(stack: Stack, tmp_path: Path, diff: str, code: int) -> None:
+    """Both names of a rename are checked; a patch may not create a symlink or make a file executable; nothing changes."""
+    (tmp_path / "outside").mkdir()
+    root = repo(tmp_path, **{"notes.txt": "hello\n"})
+    before = outside_state(tmp_path)
+    diff = diff.replace("{marker}", str(tmp_path / "ran-hook"))
+    for tool in ("apply_patch", "apply_patch_review"):
+        _, got = await drive(stack, root, calling(tool, diff=diff), policy=ide.YES)
+        assert got["error"]["code"] == code, got
+    assert outside_state(tmp_path) == before
+    assert git(root, "status", "--porcelain") == "" and (root / "notes.txt").stat().st_mode & 0o111 == 0
+
+
+async def test_rename_and_copy_inside_apply_and_list_both_names(tmp_path: Path) -> None:
+    """A rename inside the workspace moves the file (both names listed); a copy leaves its source alone."""
+    root = workspace(tmp_path, **{"a.txt": "one\n", "b.txt": "two\n"})
+    diff = "diff --git a/a.txt b/moved/a.txt\nsimilarity index 100%\nrename from a.txt\nrename to moved/a.txt\ndiff --git a/b.txt b/c.txt\nsimilarity index 100%\ncopy from b.txt\ncopy to c.txt\n"
+    value = await Workspace(root).call("apply_patch", {"diff": diff})
+    assert value == {"applied": True, "files": ["moved/a.txt", "c.txt", "a.txt"]}
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == ["b.txt", "c.txt", "moved/a.txt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. All or nothing, for real
+# ---------------------------------------------------------------------------------------------
+
+BIG = "".join(f"line {n:07d} of a file that outgrows the disk\n" for n in range(2_500))  # 110 kB: past FILE_LIMIT, within one argv word
+
+
+async def test_patch_on_a_full_disk_changes_nothing_and_says_so(stack: Stack, tmp_path: Path) -> None:
+    """The issue's replay: the disk fills while the second file is written; both files stay whole and the model is told nothing changed."""
+    root = workspace(tmp_path, **{"a.txt": "one\ntwo\n", "b.txt": BIG})
+    diff = (
+        "diff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-two\n+TWO\n"
+        "diff --git a/b.txt b/b.txt\n--- a/b.txt\n+++ b/b.txt\n@@ -1,2 +1,2 @@\n-line 0000000 of a file that outgrows the disk\n+first\n line 0000001 of a file that outgrows the disk\n"
+    )
+    done, got = ide_run(stack, root, calling("apply_patch", diff=diff), file_limit=FILE_LIMIT)
+    assert done.returncode == 0, done.stderr
+    assert (root / "a.txt").read_text() == "one\ntwo\n"
+    assert (root / "b.txt").read_text() == BIG  # was: cut off at 1 MiB, mid-line
+    assert got["error"]["code"] == -32016 and "Nothing was changed" in got["error"]["message"], got
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt", "b.txt"]  # no temp file left
+
+
+async def test_write_file_on_a_full_disk_keeps_the_old_file_whole(stack: Stack, tmp_path: Path) -> None:
+    """write_file is atomic: a write the disk cannot hold leaves the old content, not a cut-off file (fails with a plain open-and-write)."""
+    root = workspace(tmp_path, **{"b.txt": "the old content, kept whole\n"})
+    done, got = ide_run(stack, root, calling("write_file", path="b.txt", content=BIG), file_limit=FILE_LIMIT)
+    assert done.returncode == 0, done.stderr
+    assert got["error"]["code"] == -32016, got
+    assert (root / "b.txt").read_text() == "the old content, kept whole\n"
+    assert sorted(p.name for p in root.iterdir()) == ["b.txt"]
+
+
+def test_atomic_write_on_a_full_disk_writes_no_file(tmp_path: Path) -> None:
+    """The writer behind write_file and apply_patch: the second file does not fit, so the first is not written either."""
+    root = workspace(tmp_path, **{"a.txt": "old a\n", "b.txt": "old b\n"})
+    script = (
+        "import resource, ide\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({FILE_LIMIT}, {FILE_LIMIT}))\n"
+        f"ws = ide.Workspace({str(root)!r})\n"
+        "try:\n"
+        f"    ws.atomic_write([ide.Change('a.txt', b'new a'), ide.Change('new/c.txt', b'c'), ide.Change('b.txt', b'x' * {2 * FILE_LIMIT})])\n"
+        "except ide.ToolError as exc:\n"
+        "    print(exc.name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.stdout == "io_error\n", done.stderr
+    assert (root / "a.txt").read_text() == "old a\n" and (root / "b.txt").read_text() == "old b\n"
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt", "b.txt"]  # no temp file, no new/ directory
+
+
+def test_rename_failing_part_way_names_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the second of three renames fails, io_error says exactly which file changed and which did not."""
+    root = workspace(tmp_path, **{"a.txt": "old a\n", "b.txt": "old b\n", "c.txt": "old c\n"})
+    renames = []
+    replace = os.replace
+
+    def second_fails(*args: Any, **kwargs: Any) -> None:
+        renames.append(args)
+        if len(renames) == 2:
+            raise OSError(5, "Input/output error")
+        replace(*args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(ToolError) as caught:
+        Workspace(root).atomic_write([ide.Change("a.txt", b"new a\n"), ide.Change("b.txt", b"new b\n"), ide.Change("c.txt", b"new c\n")])
+    assert caught.value.name == "io_error"
+    assert caught.value.data == {"changed": ["a.txt"], "unchanged": ["b.txt", "c.txt"]}
+    assert "a.txt changed" in caught.value.message
+    assert [(p.name, p.read_text()) for p in sorted(root.iterdir())] == [("a.txt", "new a\n"), ("b.txt", "old b\n"), ("c.txt", "old c\n")]
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Bounded reads
+# ---------------------------------------------------------------------------------------------
+
+
+def bytes_read() -> int:
+    """Bytes this process has read by system call (files and pipes alike)."""
+    return int(re.search(r"rchar: (\d+)", Path("/proc/self/io").read_text()).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
+async def test_read_of_a_huge_file_reads_only_its_start(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lines 1-3 of a file 16 times the scan cap: the lines come back, total_lines is null, and at most the cap is read (was: the whole file)."""
+    monkeypatch.setattr(ide, "READ_SCAN_BYTES", 1024 * 1024, raising=False)  # the same code, at a test's scale
+    root = workspace(tmp_path)
+    (root / "huge.log").write_text("".join(f"{n:07d} {'x' * 56}\n" for n in range(1, 262_145)))  # 16 MiB
+    before = bytes_read()
+    _, got = await drive(stack, root, calling("read_file", path="huge.log", start_line=1, end_line=3))
+    assert bytes_read() - before < 3 * 1024 * 1024  # was: 16 MiB and more
+    assert got == {"path": "huge.log", "content": "".join(f"{n:07d} {'x' * 56}\n" for n in (1, 2, 3)), "start_line": 1, "end_line": 3, "total_lines": None, "truncated": False}
+    _, past = await drive(stack, root, calling("read_file", path="huge.log", start_line=200_000))
+    assert past["error"]["code"] == -32022, past
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
+async def test_git_diff_of_a_huge_change_reads_only_the_cap(stack: Stack, tmp_path: Path) -> None:
+    """git.diff stops git once DIFF_CAP_BYTES are read, instead of taking its whole output."""
+    root = repo(tmp_path, **{"a.txt": "a\n"})
+    (root / "big.txt").write_text("".join(f"line {n} {'y' * 90}\n" for n in range(60_000)))  # 6 MB
+    git(root, "add", "big.txt")
+    before = bytes_read()
+    _, got = await drive(stack, root, calling("git_diff", staged=True))
+    assert bytes_read() - before < 2 * 1024 * 1024  # was: all 6 MB
+    assert got["truncated"] is True and got["diff"].startswith("diff --git a/big.txt b/big.txt")
+
+
+async def test_read_file_runs_off_the_event_loop(tmp_path: Path) -> None:
+    """A long read happens in a thread: the IDE's loop goes on ticking meanwhile (it answers the gateway's pings)."""
+    root = workspace(tmp_path)
+    (root / "big.txt").write_text(("z" * 99 + "\n") * 200_000)  # 20 MB, read and counted in full
+    ticks: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.001)
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.01)
+    began = time.monotonic()
+    value = await Workspace(root).call("read_file", {"path": "big.txt", "start_line": 199_999})
+    ended = time.monotonic()
+    ticker.cancel()
+    assert value["total_lines"] == 200_000
+    assert len([t for t in ticks if began < t < ended]) >= 3  # was: none, the loop was blocked for the whole read
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Safe display: the model's text cannot drive the user's terminal
+# ---------------------------------------------------------------------------------------------
+
+ERASE = "\r\x1b[2K"  # back to the line's start, erase it: what follows replaces what was shown
+OSC52 = "\x1b]52;c;dG91Y2ggL3RtcC9wd25lZA==\x07"  # write "touch /tmp/pwned" to the clipboard
+TITLE = "\x1b]0;sudo password:\x07"  # the window title
+HIDDEN_HUNK = f"+touch /tmp/pwned; # {ERASE}+# log the build start"
+
+
+def only_own_escapes(shown: str) -> None:
+    """Every escape sequence on screen is one of ide.py's colours, and no other control character is there."""
+    assert "\x1b[1m" in shown  # colour is on: the check below is not vacuous
+    plain = re.sub("\x1b\\[\\d+m", "", shown)
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]", plain), plain
+
+
+async def test_review_shows_hidden_controls(stack: Stack, tmp_path: Path) -> None:
+    """The issue's replay: a hunk that erases its own first half shows ^M^[[2K, so the user sees the `touch` they would accept."""
+    root = workspace(tmp_path, **{"build.sh": "make\n"})
+    diff = f"diff --git a/build.sh b/build.sh\n--- a/build.sh\n+++ b/build.sh\n@@ -1 +1,2 @@\n{HIDDEN_HUNK}\n make\n"
+    ui, ask = Tty(), scripted("n")
+    await drive(stack, root, calling("apply_patch_review", diff=diff, message=f"Add logging{OSC52}{TITLE}"), ask=ask, ui=ui, policy=ide.ASK)
+    shown = ui.getvalue()
+    only_own_escapes(shown)
+    assert "+touch /tmp/pwned; # ^M^[[2K+# log the build start" in shown
+    assert "^[]52;c;" in shown and "^[]0;sudo password:^G" in shown
+    assert (root / "build.sh").read_text() == "make\n"  # rejected
+
+
+async def test_prompt_and_options_show_hidden_controls(stack: Stack, tmp_path: Path) -> None:
+    """prompt_user's message and options reach the terminal with ESC, BEL, CR and bidi controls made visible."""
+    root = workspace(tmp_path)
+    ui = Tty()
+    message = f"Run the tests?{OSC52}{TITLE}"
+    _, got = await drive(stack, root, calling("prompt_user", message=message, options=[f"yes{ERASE}no", "n\u202eo"]), ask=scripted("2"), ui=ui, policy=ide.ASK)
+    assert got == {"answer": "n\u202eo", "declined": False}
+    shown = ui.getvalue()
+    only_own_escapes(shown)
+    assert "1) yes^M^[[2Kno" in shown and "2) n<U+202E>o" in shown and "^[]52;c;" in shown
+
+
+async def test_tokens_file_names_and_errors_show_hidden_controls(stack: Stack, tmp_path: Path) -> None:
+    """`python ide.py`: streamed tokens, a tool's file name and its error message reach stdout and stderr with no raw control character."""
+    root = workspace(tmp_path)
+    done, _ = ide_run(stack, root, calling("read_file", path=f"missing{TITLE}.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout + done.stderr and "\x07" not in done.stdout + done.stderr
+    assert "[tool] read_file missing^[]0;sudo password:^G.txt -> error:" in done.stderr
+    chat = ide_run(stack, root, f"[scenario:chat] paste {OSC52}{ERASE}done")[0]
+    assert "\x1b" not in chat.stdout and "\r" not in chat.stdout
+    assert "paste ^[]52;c;dG91Y2ggL3RtcC9wd25lZA==^G^M^[[2Kdone" in chat.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("plain\ttext\n", "plain\ttext\n"),
+        ("\x1b[31mred", "^[[31mred"),
+        ("\r\x1b[2K", "^M^[[2K"),
+        ("\x7f\x00", "^?^@"),
+        ("\x9b2J", "<U+009B>2J"),
+        ("a\u202eb\u2066c", "a<U+202E>b<U+2066>c"),
+        ("café ✓ 日本", "café ✓ 日本"),
+    ],
+    ids=["tab-newline-kept", "esc", "cr-erase", "del-nul", "c1-csi", "bidi", "unicode-kept"],
+)
+def test_visible_makes_controls_visible(text: str, shown: str) -> None:
+    """visible(): C0, DEL, C1 and bidi controls in caret or <U+XXXX> notation; tabs, newlines and other text kept."""
+    assert ide.visible(text) == shown
+    assert ide.visible("a\nb\tc", one_line=True) == "a^Jb^Ic"
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A lone surrogate is a bad argument, not a crash
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "arguments"), [("write_file", {"path": "a.txt", "content": "bad \ud800 text"}), ("write_file", {"path": "\udcff.txt", "content": "x"}), ("prompt_user", {"message": "?", "options": ["\ud800"]})], ids=["content", "path", "option"])
+async def test_lone_surrogate_is_invalid_arguments(stack: Stack, tmp_path: Path, name: str, arguments: dict[str, Any]) -> None:
+    """JSON's "\\ud800" reaches the IDE as a lone surrogate: the model reads invalid_arguments (-32602), not -32603, and nothing is written."""
+    root = workspace(tmp_path)
+    _, got = await drive(stack, root, calling(name, **arguments), policy=ide.YES)
+    assert got["error"]["code"] == -32602, got
+    assert list(root.iterdir()) == []
