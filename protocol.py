@@ -12,7 +12,10 @@ porting this file. It holds:
 3. the hand-rolled SSE encoder and an incremental SSE parser (WHATWG HTML, "Server-sent events",
    section 9.2.6 "Interpreting an event stream"), and read_chunks, a stream's reads under one
    idle timer;
-4. EventStreamResponse, a Starlette streaming response that always closes its generator.
+4. EventStreamResponse, a Starlette streaming response that always closes its generator;
+5. where a generated gateway token is left for ide.py;
+6. who may call a service: the Guard middleware (Host, Origin, secret, body type), bounded
+   request bodies (read_body), and serve(), uvicorn with a deadline for request heads.
 
 Left out on purpose: batch JSON-RPC requests (an IDE has no use for them; a batch frame gets
 -32600), SSE `retry:` (our clients do not reconnect on their own), and any schema library.
@@ -21,16 +24,25 @@ Left out on purpose: batch JSON-RPC requests (an IDE has no use for them; a batc
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
+import logging
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+import sys
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+import h11
+import uvicorn
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 # ---------------------------------------------------------------------------------------------
 # 1. Names and codes
@@ -507,3 +519,262 @@ def runtime_dir() -> Path:
 def token_file(port: int) -> Path:
     """The file (mode 0600) holding {"url", "token", "pid"} of the gateway listening on `port`."""
     return runtime_dir() / f"gateway-{port}.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Who may call a service: the Guard, bounded request bodies, serve()
+# ---------------------------------------------------------------------------------------------
+#
+# Every service listens on loopback, yet two kinds of caller reach it there besides its own
+# clients. A web page the user opens can send "simple" cross-site requests (a text/plain POST
+# needs no CORS preflight) and, with DNS rebinding (evil.example re-resolved to 127.0.0.1), read
+# the answers. Any process on the machine can connect, and so can any host once a service is
+# bound to another address. What stops each, in the order the Guard checks:
+#
+#   Host       must name loopback (or an ALLOWED_HOSTS entry): a rebound page sends its own name.
+#   client     with no secret set, only a loopback peer is served (Redis's protected mode).
+#   Origin     absent (not a browser) or allowed: browsers send it on every cross-site request.
+#   secret     `Authorization: Bearer <secret>` when the service has one.
+#   body type  a body must be application/json: a form or a text/plain POST cannot be.
+#
+# Sizes and times are bounded too: read_body() for a body, serve() for the request head.
+
+# Settings every service reads (README's configuration table): spelled here, once.
+# ALLOWED_HOSTS: extra Host names (no port), comma-separated, e.g. "agent.internal,10.0.0.5"; "*": any
+ALLOWED_HOSTS = frozenset(h.strip().lower() for h in os.environ.get("ALLOWED_HOSTS", "").split(",") if h.strip())
+HEADER_TIMEOUT_S = float(os.environ.get("HEADER_TIMEOUT_S", "10"))  # a request head must arrive within this
+BODY_TIMEOUT_S = float(os.environ.get("BODY_TIMEOUT_S", "30"))  # a request body must arrive within this
+MAX_CONNECTIONS = int(os.environ.get("MAX_CONNECTIONS", "0"))  # open connections before 503s; 0 = no cap
+
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})  # Host names always allowed, any port
+OPEN_PATHS = frozenset({"/healthz"})  # served without the secret (still Host-, client- and Origin-checked)
+_HOST = re.compile(r"(\[[0-9a-f:.]+\]|[^:\[\]@/\s]+)(?::\d*)?")  # RFC 9110 Host: name or [IPv6], then :port
+log_guard = logging.getLogger("guard")
+
+# The body of an error answer, in the service's own shape: (status, message) -> JSON object.
+ErrorBody = Callable[[int, str], dict[str, Any]]
+
+
+def status_error_body(status: int, message: str) -> dict[str, Any]:
+    """{"error": {"status", "message"}}: the agent's shape, and the Guard's default."""
+    return {"error": {"status": status, "message": message}}
+
+
+def clip(text: str, limit: int = 100) -> str:
+    """`text` cut to `limit` characters, for a log line or a message: headers can be 16 KiB long."""
+    return text if len(text) <= limit else text[:limit] + f"...({len(text)} chars)"
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost, 127.0.0.0/8, ::1 (and ::ffff:127.x): addresses only this machine reaches."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:  # another name: it may resolve anywhere
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv4 peer on a dual-stack socket
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+class HttpProblem(Exception):
+    """A request this service refuses: the status, and a message saying what was expected and what came."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+
+    def response(self, error_body: ErrorBody = status_error_body) -> JSONResponse:
+        """The answer. `Connection: close`: a body left unread is then not read to its end."""
+        return JSONResponse(error_body(self.status, self.message), self.status, {**self.headers, "Connection": "close"})
+
+
+class ClientHungUp(HttpProblem):
+    """The client hung up before its body arrived: nobody reads the answer; the service logs one line."""
+
+    def __init__(self) -> None:
+        super().__init__(499, "the client hung up before its request body arrived")  # 499: nginx's word for it
+
+
+class Guard:
+    """ASGI middleware: refuses, before the app sees it, any request or WebSocket handshake that
+    a web page or another host could have sent (the checks above). The app runs only for the rest.
+
+    hosts         extra Host names (ALLOWED_HOSTS), on top of LOOPBACK_HOSTS.
+    origins       Origin values allowed, e.g. {"https://ide.example"}; empty: no web page at all.
+    same_origin   also allow an Origin that is this very server as the Host names it (the gateway).
+    secret        the Bearer token every request needs, except on OPEN_PATHS; None: none needed,
+                  and then only loopback peers are served unless `protected` is False.
+    secret_name   the setting that holds it, for messages (LLM_PROXY_KEY, AGENT_TOKEN).
+    protected     False for a service that checks its own credentials (the gateway's token).
+    error_body    the service's error shape (OpenAI's for llm_proxy).
+
+    A refused handshake is answered 403 (401 for the secret) as plain HTTP: with the ASGI
+    WebSocket denial-response extension when the server has it (uvicorn does), else by closing
+    before accept, which the server turns into a 403.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        hosts: frozenset[str] = frozenset(),
+        origins: frozenset[str] = frozenset(),
+        same_origin: bool = False,
+        secret: str | None = None,
+        secret_name: str = "the service's secret",
+        protected: bool = True,
+        error_body: ErrorBody = status_error_body,
+    ) -> None:
+        self.app = app
+        self.hosts = LOOPBACK_HOSTS | {h.lower() for h in hosts}
+        self.origins = {o.strip().lower().rstrip("/") for o in origins}
+        self.same_origin = same_origin
+        self.secret = secret.encode("utf-8") if secret else None
+        self.secret_name = secret_name
+        self.protected = protected
+        self.error_body = error_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):  # lifespan
+            await self.app(scope, receive, send)
+            return
+        try:
+            self.check(scope)
+        except HttpProblem as problem:
+            client = scope.get("client") or ("-", 0)
+            method = scope.get("method", "WEBSOCKET")
+            log_guard.warning("refused %s %s from %s: %d %s", method, clip(scope["path"]), client[0], problem.status, problem.message)
+            if scope["type"] == "http" or "websocket.http.response" in scope.get("extensions", {}):
+                await problem.response(self.error_body)(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 1008})  # before accept: the server answers 403
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, scope: Scope) -> None:
+        """Raise HttpProblem for the first check the request fails; return if it passes them all."""
+        headers = Headers(scope=scope)
+        host = headers.get("host", "")
+        match = _HOST.fullmatch(host.lower())
+        if match is None or not (match.group(1) in self.hosts or "*" in self.hosts):
+            raise HttpProblem(403, f"Host {clip(host)!r} is not allowed: expected localhost, 127.0.0.1 or [::1] (any port), or a name in ALLOWED_HOSTS")
+        peer = (scope.get("client") or ("",))[0]
+        if self.secret is None and self.protected and scope.get("client") and not is_loopback(peer):
+            raise HttpProblem(403, f"{self.secret_name} is not set, so this service serves loopback clients only, not {peer}")
+        origin = headers.get("origin")
+        if origin is not None and not self.origin_allowed(origin.lower(), host.lower(), scope.get("scheme", "http")):
+            raise HttpProblem(403, f"Origin {clip(origin)!r} may not call this service")
+        if self.secret is not None and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode("latin-1"), self.secret):
+                raise HttpProblem(401, f"expected Authorization: Bearer <{self.secret_name}>", {"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "http" and (headers.get("content-length", "0") != "0" or "transfer-encoding" in headers):
+            media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+            if media_type != "application/json":
+                raise HttpProblem(415, f"expected a body of Content-Type: application/json, got {clip(headers.get('content-type', 'none'))!r}")
+
+    def origin_allowed(self, origin: str, host: str, scheme: str) -> bool:
+        """In `origins`, or (same_origin) this server itself: scheme://Host as the request names it."""
+        own = ("https" if scheme in ("https", "wss") else "http") + "://" + host
+        return origin in self.origins or (self.same_origin and origin == own)
+
+
+async def read_body(request: Request, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The request body, at most `max_bytes`, all of it within `timeout_s`; else HttpProblem.
+
+    413 at once when Content-Length says too much (nothing is read), or as soon as a body without
+    one (chunked) passes the limit; 408 when it is too slow; ClientHungUp when the client leaves.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise HttpProblem(413, f"the request body is {declared} bytes, over the limit of {max_bytes}")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise HttpProblem(413, f"the request body is over the limit of {max_bytes} bytes")
+    except TimeoutError:
+        raise HttpProblem(408, f"the request body did not arrive within {timeout_s:g} s") from None
+    except ClientDisconnect:
+        raise ClientHungUp() from None
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> Any:
+    """The body as JSON, or HttpProblem 400 saying why not (nested too deep included: no traceback)."""
+    try:
+        return json.loads(body)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise HttpProblem(400, f"the request body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise HttpProblem(400, "the request body is JSON nested too deeply") from None
+
+
+async def read_json_body(request: Request, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> Any:
+    """parse_json(read_body(...)): the body as JSON, bounded in size and time."""
+    return parse_json(await read_body(request, max_bytes, timeout_s))
+
+
+REQUEST_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"  # a head cut short
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, plus the one timeout it lacks: HEADER_TIMEOUT_S for a request head.
+
+    uvicorn closes a keep-alive connection left idle after a response, but holds a new connection,
+    or one that trickles its head a byte at a time, for as long as the client likes: 200 of them
+    use up a low file-descriptor limit (slowloris). Here a connection is closed (with a 408 if
+    part of a head came) when no complete head has arrived head_timeout_s after it opened or after
+    the previous response. The timer stops once a head is complete, so a slow body (read_body's
+    own limit), a long SSE stream or a WebSocket the head upgraded is never cut by it.
+    """
+
+    head_timeout_s: float = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.head_timer: asyncio.TimerHandle | None = self.loop.call_later(self.head_timeout_s, self.head_overdue)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        waiting_for_head = self.conn.their_state is h11.IDLE
+        if not waiting_for_head and self.head_timer is not None:  # a head arrived (or the connection ended)
+            self.head_timer.cancel()
+            self.head_timer = None
+        elif waiting_for_head and self.head_timer is None:  # a response ended: the next head's turn
+            self.head_timer = self.loop.call_later(self.head_timeout_s, self.head_overdue)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+        super().connection_lost(exc)
+
+    def head_overdue(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.conn.trailing_data[0]:  # part of a head came: say why before closing
+            self.transport.write(REQUEST_TIMEOUT)
+        self.logger.info("%s - closed: no complete request head within %g s", self.client and self.client[0], self.head_timeout_s)
+        self.transport.close()
+
+
+def serve(app: ASGIApp, host: str, port: int, *, secret: str, secret_name: str, **uvicorn_options: Any) -> None:
+    """uvicorn.run() as every service runs: request heads under HEADER_TIMEOUT_S, connections
+    capped at MAX_CONNECTIONS, and no start on a non-loopback address without the service's
+    secret (exit status 2), as Redis's protected mode refuses. Other uvicorn options pass through.
+    """
+    if not secret and not is_loopback(host):
+        print(
+            f"refusing to listen on {host}:{port} without {secret_name}: any host that reaches this address "
+            f"could use the service. Set {secret_name} (its clients send it as Authorization: Bearer), "
+            "or listen on 127.0.0.1.",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    uvicorn.run(app, host=host, port=port, http=HeadTimeoutProtocol, limit_concurrency=MAX_CONNECTIONS or None, **uvicorn_options)
