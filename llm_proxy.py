@@ -9,8 +9,16 @@ process alone holds OPENAI_API_KEY: it sends it upstream as `Authorization: Bear
 forwards the client's own Authorization, and never logs it. The upstream is OPENAI_BASE_URL if
 set; else https://api.openai.com/v1 when OPENAI_API_KEY is set; else fake_llm.py on port 8003.
 
-1. `POST /v1/chat/completions` (streamed or not) and `GET /v1/models` go upstream and come back
-   as they came: the same status, body and x-request-id, errors included (401 stays 401).
+Who may call it (protocol.py's Guard): a request must name loopback in its Host (or an
+ALLOWED_HOSTS name), carry no Origin (no web page may call), send its body as application/json,
+and, when LLM_PROXY_KEY is set, `Authorization: Bearer <LLM_PROXY_KEY>` (the SDK's api_key);
+without LLM_PROXY_KEY only loopback clients are served, and `python llm_proxy.py` will not listen
+on another address. Nothing refused reaches the upstream.
+
+1. `POST /v1/chat/completions` (streamed or not), `GET /v1/models` and `GET /v1/models/{model}`
+   go upstream and come back as they came: the same status, body and x-request-id, errors
+   included (401 stays 401). No other path is forwarded, and {model} must be one plain id: no
+   `/`, `..` or `%` even encoded, so that no upstream path but these can be reached with the key.
 2. A stream is forwarded as it arrives, `data: <one line of JSON>` per event, all that one network
    read brought in one body write, and ends with `data: [DONE]`.
 3. Connection errors, 408, 409, 429 and 5xx are retried with exponential backoff and jitter, as
@@ -18,6 +26,10 @@ set; else https://api.openai.com/v1 when OPENAI_API_KEY is set; else fake_llm.py
 4. Every wait is bounded: connect, first chunk, silence between chunks.
 5. When the client hangs up, the upstream request is aborted at once.
 6. One log line per request: id, model, status, time to first chunk, tokens, duration, retries.
+   A client that hangs up before its body arrived is that one line too, never a traceback.
+7. A body must arrive whole within BODY_TIMEOUT_S (408) and be at most LLM_PROXY_MAX_BODY_BYTES
+   (413, refused from its Content-Length before a byte of it is read); JSON nested past the
+   parser's depth is a 400. Every refusal of ours has OpenAI's error body.
 
 Intentional choices, so that nobody "fixes" them:
 
@@ -43,8 +55,9 @@ Intentional choices, so that nobody "fixes" them:
    own parser reports it (the agent ends the run with llm_stream_broken).
 6. The log shows an upstream error's type and code, never its message: a 401's quotes the key.
 
-Left out: other endpoints (embeddings, the Responses API, ...), client authentication (keep it on
-localhost), rewriting requests (no injected include_usage), caching, several keys or upstreams.
+Left out: other endpoints (embeddings, the Responses API, ...), per-client keys or quotas (one
+shared LLM_PROXY_KEY), rewriting requests (no injected include_usage), caching, several keys
+or upstreams.
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping
@@ -64,23 +78,32 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from protocol import (
+    ALLOWED_HOSTS,
+    BODY_TIMEOUT_S,
     DONE,
     DONE_DATA,
     ERR_LLM,
     ERR_LLM_STREAM,
     ERR_LLM_UNAVAILABLE,
     EventStreamResponse,
+    Guard,
+    HttpProblem,
     SSEParser,
+    clip,
     dumps,
     encode_data,
+    parse_json,
+    read_body,
     read_chunks,
+    serve,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +111,7 @@ from protocol import (
 # ---------------------------------------------------------------------------------------------
 
 OPENAI_API_KEY = os.environ.get("OPENAI_API_KEY", "")  # sent upstream as Bearer by this process alone
+LLM_PROXY_KEY = os.environ.get("LLM_PROXY_KEY", "")  # what clients send as Bearer; "" = none (loopback clients only)
 OPENAI_BASE_URL = os.environ.get("OPENAI_BASE_URL", "")  # any OpenAI-compatible base URL ending in /v1
 OPENAI_URL = "https://api.openai.com/v1"  # the upstream when there is a key but no OPENAI_BASE_URL
 FAKE_LLM_URL = "http://127.0.0.1:8003/v1"  # the upstream when there is neither: fake_llm.py
@@ -101,6 +125,9 @@ CONNECT_TIMEOUT_S = float(os.environ.get("LLM_PROXY_CONNECT_TIMEOUT_S", "10"))  
 # A whole (non-streamed) answer must send its headers within the first, then its body within the second.
 FIRST_CHUNK_TIMEOUT_S = float(os.environ.get("LLM_PROXY_FIRST_CHUNK_TIMEOUT_S", "120"))  # seconds
 IDLE_TIMEOUT_S = float(os.environ.get("LLM_PROXY_IDLE_TIMEOUT_S", "60"))  # seconds
+# A request body's limit: twice the text of the largest context window on offer (1M tokens, about
+# 4 MB), room for JSON escapes and tool schemas. Images belong behind URLs, not in base64 here.
+MAX_BODY_BYTES = int(os.environ.get("LLM_PROXY_MAX_BODY_BYTES", str(8 * 1024 * 1024)))  # bytes
 HOST, PORT = "127.0.0.1", 8002  # default bind (CONTRACT.md)
 
 
@@ -110,6 +137,10 @@ class Settings:
 
     base_url: str  # the upstream, e.g. https://api.openai.com/v1 (no trailing slash)
     api_key: str = field(default="", repr=False)  # "" = no Authorization (fake_llm, local servers)
+    client_key: str = field(default="", repr=False)  # LLM_PROXY_KEY; "" = clients send none
+    allowed_hosts: frozenset[str] = ALLOWED_HOSTS  # Host names served besides loopback's
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
     max_retries: int = MAX_RETRIES
     backoff_base_s: float = BACKOFF_BASE_S
     backoff_cap_s: float = BACKOFF_CAP_S
@@ -122,8 +153,10 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         """OPENAI_BASE_URL if set; else OpenAI itself when there is a key; else fake_llm.py."""
+        if LLM_PROXY_KEY and LLM_PROXY_KEY == OPENAI_API_KEY:  # the agent would then hold the upstream key
+            raise SystemExit("LLM_PROXY_KEY must differ from OPENAI_API_KEY: the upstream key stays in llm_proxy alone")
         base_url = OPENAI_BASE_URL or (OPENAI_URL if OPENAI_API_KEY else FAKE_LLM_URL)
-        return cls(base_url=base_url.rstrip("/"), api_key=OPENAI_API_KEY)
+        return cls(base_url=base_url.rstrip("/"), api_key=OPENAI_API_KEY, client_key=LLM_PROXY_KEY)
 
 
 log = logging.getLogger("llm_proxy")
@@ -132,6 +165,10 @@ RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx: what OpenAI's own 
 PASSED_BACK = ("retry-after", "retry-after-ms", "x-should-retry")  # and x-ratelimit-*: hints for the client
 INVALID_REQUEST = "invalid_request_error"  # OpenAI's error `type` for a request we refuse
 UPSTREAM_ERROR = "upstream_error"  # our error `type` for a failure on the way to the model
+# A model id as the one path segment of GET /v1/models/{model}, checked on the raw path: OpenAI's
+# ids (gpt-4o-mini, ft:gpt-4o-mini:org::abc123) fit; `/`, `%` (any encoding) and `..` do not.
+MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+ROUTES = "POST /v1/chat/completions, GET /v1/models and GET /v1/models/{model}"  # all that is forwarded
 
 T = TypeVar("T")
 
@@ -143,6 +180,11 @@ T = TypeVar("T")
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
     """OpenAI's error shape, which the SDK and the agent read."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def refusal_body(status: int, message: str) -> dict[str, Any]:
+    """A request refused here (the Guard's, read_body's): OpenAI's shape; the status says which."""
+    return error_body(message, INVALID_REQUEST, None)
 
 
 class UpstreamError(Exception):
@@ -502,24 +544,53 @@ def bad_request(ex: Exchange, message: str, param: str | None = None) -> JSONRes
     return JSONResponse(error_body(message, INVALID_REQUEST, None, param), 400)
 
 
+def refuse(ex: Exchange, problem: HttpProblem) -> Response:
+    """A body refused before anything went upstream: its log line, and OpenAI's error body."""
+    ex.done(problem.status, problem.message)
+    return problem.response(refusal_body)
+
+
 async def chat_completions(request: Request) -> Response:
     # {"model": str, "messages": [{"role": str, "content": ...}, ...], "stream"?: bool, ...}
-    ex = Exchange("POST", "/chat/completions", await request.body())
+    settings: Settings = request.state.settings
+    ex = Exchange("POST", "/chat/completions")
     try:
-        body = json.loads(ex.body or b"")
-    except ValueError as exc:
-        return bad_request(ex, f"the request body is not valid JSON ({exc})")
+        ex.body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
+        body = parse_json(ex.body)
+    except HttpProblem as problem:  # too big, too slow, not JSON, nested too deep, or the client left
+        return refuse(ex, problem)
     if not isinstance(body, dict):
         return bad_request(ex, f"expected a JSON object as the request body, got {type(body).__name__}")
-    ex.model, ex.stream = str(body.get("model", "-")), body.get("stream") is True
+    model = body.get("model", "-")
+    ex.model = clip(model, 60) if isinstance(model, str) else f"<{type(model).__name__}>"  # for the log line
+    ex.stream = body.get("stream") is True
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        return bad_request(ex, f"'messages' must be a non-empty array, got {json.dumps(messages)[:100]}", "messages")
+        shown = "[]" if isinstance(messages, list) else type(messages).__name__  # not the value: it may be huge
+        return bad_request(ex, f"'messages' must be a non-empty array, got {shown}", "messages")
     return await proxy(request, ex)
 
 
 async def models(request: Request) -> Response:
-    return await proxy(request, Exchange("GET", request.url.path.removeprefix("/v1")))
+    return await proxy(request, Exchange("GET", "/models"))
+
+
+async def model(request: Request) -> Response:
+    """GET /v1/models/{model}, for an id that is one plain path segment as the client wrote it."""
+    raw_id = request.scope.get("raw_path", request.url.path.encode()).removeprefix(b"/v1/models/")
+    if MODEL_ID.fullmatch(raw_id) is None or b".." in raw_id:  # `%2e%2e` passed routing as `..`
+        shown = clip(raw_id.decode("latin-1"), 60)
+        message = f"not a model id: {shown!r}; expected up to 128 letters, digits, '.', '_', ':' or '-', and no '..'"
+        return bad_request(Exchange("GET", "/models/" + shown), message, "model")
+    return await proxy(request, Exchange("GET", "/models/" + raw_id.decode("ascii")))
+
+
+async def no_route(request: Request, exc: HTTPException) -> Response:
+    """404 and 405 in OpenAI's shape, naming what is forwarded: nothing else goes upstream."""
+    method, path = request.method, clip(request.url.path, 60)
+    log.info("%s %s status=%d error='not forwarded'", method, path, exc.status_code)
+    message = f"{method} {path} is not forwarded; this proxy serves {ROUTES}"
+    return JSONResponse(error_body(message, INVALID_REQUEST, None), exc.status_code, exc.headers)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -537,6 +608,7 @@ def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         log.info("upstream %s (%s)", settings.base_url, "API key set" if settings.api_key else "no API key")
+        log.info("clients: %s", "LLM_PROXY_KEY required" if settings.client_key else "loopback only, no key asked")
         # One session, one connection pool, for every request. No pool limit: a stream holds its
         # connection for as long as the model talks, and a limit would make the next agent wait.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s)
@@ -547,9 +619,14 @@ def create_app(settings: Settings) -> Starlette:
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model:path}", models, methods=["GET"]),
+        Route("/v1/models/{model}", model, methods=["GET"]),  # one segment: no `/`, even decoded from %2f
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    guard = Middleware(
+        Guard, hosts=settings.allowed_hosts, secret=settings.client_key or None, secret_name="LLM_PROXY_KEY",
+        error_body=refusal_body,
+    )  # fmt: skip
+    handlers = {404: no_route, 405: no_route}
+    return Starlette(routes=routes, middleware=[guard], exception_handlers=handlers, lifespan=lifespan)
 
 
 app = create_app(Settings.from_env())
@@ -559,7 +636,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="OpenAI Chat Completions proxy: holds the API key, retries, times out, aborts on cancel.",
         epilog="Environment: OPENAI_API_KEY, OPENAI_BASE_URL (the upstream; default: OpenAI when a key is "
-        f"set, else {FAKE_LLM_URL}), and the LLM_PROXY_* knobs at the top of llm_proxy.py.",
+        f"set, else {FAKE_LLM_URL}), LLM_PROXY_KEY (required of clients when set; needed to listen on a "
+        "non-loopback address), ALLOWED_HOSTS, and the LLM_PROXY_* knobs at the top of llm_proxy.py.",
     )
     parser.add_argument("--host", default=HOST, help="interface to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=PORT, help="port to listen on (default: %(default)s)")
@@ -567,4 +645,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # access_log off: Exchange.done writes the one line per request, and uvicorn's would be written
     # on the way to every first token (before the response headers)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False)
+    serve(app, args.host, args.port, secret=LLM_PROXY_KEY, secret_name="LLM_PROXY_KEY", access_log=False)

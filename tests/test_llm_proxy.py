@@ -434,6 +434,7 @@ async def test_no_retry_once_bytes_were_sent(upstream: Serve, proxy: Start, clie
     assert DONE not in body
     [error] = error_events(body)
     assert error["code"] == "llm_stream_broken" and "mid-stream" in error["message"]
+    assert "ClientPayloadError" in error["message"]  # what aiohttp raises for a body cut short
     assert body.endswith(b"}}\n\n") and body.count(b"data: ") == 3
     assert len(fake.requests) == 1
 
@@ -669,7 +670,10 @@ async def test_api_key_goes_upstream_as_bearer_and_never_into_logs(
         (b"not json", "not valid JSON"),
         (b"[1, 2]", "expected a JSON object"),
         (b'{"model": "gpt-test"}', "'messages' must be a non-empty array"),
-        (b'{"model": "gpt-test", "messages": []}', "'messages' must be a non-empty array"),
+        (b'{"model": "gpt-test", "messages": []}', "'messages' must be a non-empty array, got []"),
+        (b'{"model": "gpt-test", "messages": "hi"}', "'messages' must be a non-empty array, got str"),
+        (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        (b'{"model": "\xff"}', "not valid JSON"),
     ],
 )
 async def test_bad_request_gives_400_and_the_proxy_keeps_serving(
@@ -678,10 +682,11 @@ async def test_bad_request_gives_400_and_the_proxy_keeps_serving(
     """A body that is not a chat request gets OpenAI's 400 error; the next request still works."""
     fake = await upstream(answer(200, COMPLETION))
     base = await proxy(fake.url)
-    async with client.post(base + "/chat/completions", data=body) as resp:
+    async with client.post(base + "/chat/completions", data=body, headers={"Content-Type": "application/json"}) as resp:
         assert resp.status == 400
         error = (await resp.json())["error"]
     assert says in error["message"] and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
     assert fake.requests == []
     async with client.post(base + "/chat/completions", json=chat(stream=False)) as resp:
         assert resp.status == 200
