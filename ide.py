@@ -263,14 +263,6 @@ def readlink(name: str, dir_fd: int) -> str | None:
         raise
 
 
-def lstat(name: str, dir_fd: int) -> os.stat_result | None:
-    """The file `name` in dir_fd, a symlink not followed; None when there is none."""
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
-
 def scan_lines(f: BinaryIO, first: int, last: int | None) -> tuple[list[str], int | None, bool]:
     """Stream a UTF-8 text file: (lines first..last, its line count, whether the range was covered).
 
@@ -475,7 +467,6 @@ def join_diff(files: list[FileDiff]) -> str:
     return "".join("".join(file.header) + "".join(file.hunks) for file in files)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # git, run from an argument list, hardened
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +538,8 @@ async def git(cwd: Path | str, args: list[str], stdin: bytes | None = None, limi
         while chunk := await stream.read(64 * 1024):
             data += chunk
             if len(data) > cap:
-                process.kill()  # enough: git stops, its pipes close
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()  # enough: git stops, its pipes close
                 return bytes(data[:cap]), True
         return bytes(data), False
 
@@ -586,8 +578,8 @@ async def git_filters_off(root: Path) -> list[str]:
     fields = run.out.split(b"\0")  # scope, b"filter.NAME.KEY\nVALUE", scope, ..., b""
     names = set()
     for scope, entry in zip(fields[0::2], fields[1::2]):
-        if scope not in (b"system", b"global"):
-            key = entry.split(b"\n", 1)[0].decode("utf-8", errors="surrogateescape")
+        key = entry.split(b"\n", 1)[0].decode("utf-8", errors="surrogateescape")
+        if scope not in (b"system", b"global") and key.count(".") >= 2:  # filter.NAME.KEY; filter.KEY names no driver
             names.add(key[len("filter.") : key.rindex(".")])
     for name in names:
         if "=" in name:  # git -c splits at the first "=": this one cannot be named, so refuse
@@ -785,7 +777,9 @@ class Workspace:
             item = Staged(change.path, name, [dir_fd])
             if name == ".":
                 raise ToolError("is_directory", f"{change.path!r} is a directory")
-            old = None if missing else lstat(name, dir_fd)
+            old = None
+            with contextlib.suppress(FileNotFoundError):
+                old = None if missing else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 raise ToolError("is_directory", f"{change.path!r} is a directory")
             if old is not None and not stat.S_ISREG(old.st_mode):
