@@ -929,8 +929,8 @@ class Workspace:
                 raise ToolError("patch_invalid", f"the diff names the path {path!r}; paths in a patch are plain, without . or ..")
         return paths
 
-    async def apply(self, diff: str) -> list[str]:
-        """Apply a diff all or nothing; the paths it changed.
+    async def apply(self, diff: str, shown: set[str] | None = None) -> list[str]:
+        """Apply a diff all or nothing; the paths it changed. With `shown`, only those may change.
 
         git applies it to copies of the files it names, in a private directory where it sees no
         repository and no config (so no filter or hook of the user's repository runs); the
@@ -940,6 +940,8 @@ class Workspace:
         try:
             with tempfile.TemporaryDirectory(prefix="ide-patch-") as scratch:
                 paths = await self.patch_paths(data, scratch)
+                if shown is not None and not set(paths) <= shown:
+                    raise ToolError("patch_invalid", f"git reads the accepted hunks as changing {', '.join(map(repr, paths))}, beyond the files shown. Nothing was changed.")
                 originals = await asyncio.to_thread(self.copy_out, paths, scratch)
                 run = await git(scratch, ["apply", *APPLY_OPTIONS, "-"], data, isolated=True)
                 if run.status != 0:
@@ -1033,7 +1035,7 @@ class Workspace:
             hunks = [hunk for i, (owner, hunk) in enumerate(items) if owner is file and decisions[i]]
             if hunks:
                 kept.append(FileDiff(file.header, [h for h in hunks if h], file.paths, file.git))
-        applied = await self.apply(join_diff(kept)) if kept else []
+        applied = await self.apply(join_diff(kept), shown) if kept else []
         return {"accepted": accepted, "rejected": rejected, "applied": bool(kept), "files": applied}
 
     async def review(self, message: str, items: list[tuple[FileDiff, str]]) -> list[bool]:
