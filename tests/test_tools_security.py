@@ -170,8 +170,9 @@ HIDDEN = (  # a second file section behind a `diff ` line: parse_diff sees one f
 async def test_hidden_file_section_is_reported_to_the_model(stack: Stack, tmp_path: Path) -> None:
     """The file git creates that the diff's headers hide is listed in the result and on the user's tool line."""
     root = workspace(tmp_path, **{"notes.txt": "hello\n"})
-    _, got = await drive(stack, root, calling("apply_patch", diff=HIDDEN.format(hidden="src/hidden.js")))
+    done, got = ide_run(stack, root, calling("apply_patch", diff=HIDDEN.format(hidden="src/hidden.js")))
     assert got == {"applied": True, "files": ["notes.txt", "src/hidden.js"]}  # was: ["notes.txt"]
+    assert "[tool] apply_patch notes.txt src/hidden.js -> ok" in done.stderr
     assert (root / "src" / "hidden.js").read_text() == "evil\n"
 
 
