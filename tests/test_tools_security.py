@@ -68,7 +68,10 @@ def plant(root: Path, tmp_path: Path) -> None:
     """A repository config that runs a command from every door issue 11 found, as if an earlier
     attack had written it (or the user had downloaded a hostile checkout), and the attributes and
     hooks that call them. Each command leaves tmp_path/ran-NAME when it runs."""
-    ran = lambda name: f"touch {tmp_path}/ran-{name}"  # noqa: E731
+
+    def ran(name: str) -> str:
+        return f"touch {tmp_path}/ran-{name}"
+
     git(root, "config", "core.fsmonitor", ran("fsmonitor"))
     git(root, "config", "diff.external", ran("external") + "; false")
     git(root, "config", "diff.evil.command", ran("diff-command") + "; false")
