@@ -28,8 +28,8 @@ these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops
   - whatever came from the model or the workspace is shown with its control characters made
     visible (ESC as ^[), so it cannot drive the terminal; colours are ide.py's own.
 
-Left out: an editor UI, several conversations per socket, reconnecting, and Windows (the path
-walk needs POSIX's dir_fd calls; a port would use NtCreateFile relative to a handle).
+Left out: an editor UI, several conversations per socket, reconnecting, binary patches, and
+Windows (the path walk needs POSIX's dir_fd calls; a port would open relative to a handle).
 """
 
 from __future__ import annotations
