@@ -481,6 +481,10 @@ class Reply:
 
 async def emit(agent: Agent, run: Run, kind: str, data: dict[str, Any]) -> None:
     """Log one event of the run; every stream attached to the session reads it from there."""
+    if run.stopping and kind not in (FINAL, ERROR):
+        # A stop is a state, not only an exception: a library that swallowed the task's
+        # cancellation (seen under redis-py) must not let the run go on.
+        raise asyncio.CancelledError()
     run.logged += await agent.store.append(run.lease, kind, data)
     if run.logged > MAX_RUN_BYTES and kind not in (FINAL, ERROR):
         raise RunEnded(ERR_OUTPUT_LIMIT, f"The run produced more than {MAX_RUN_BYTES} bytes of events (AGENT_MAX_RUN_BYTES).", False)
@@ -543,10 +547,9 @@ async def live(agent: Agent, run: Run) -> None:
     try:
         await run_turn(agent, run)  # the first await is inside run_turn's try: a cancel always ends it there
     finally:
+        agent.runs.pop(run.id, None)  # nothing awaited here: a cleanup that waits can hang a run's end
         for task in watchers:
             task.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
-        agent.runs.pop(run.id, None)
 
 
 # ---------------------------------------------------------------------------------------------

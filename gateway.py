@@ -101,6 +101,7 @@ MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)
 AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5"))  # reaching the agent
 AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
 REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row before the gateway reports it
+SESSION_BUSY_WAIT_S = 3.0  # a user_message waits this long for the session's previous run to finish ending
 
 SHORT_CALL = aiohttp.ClientTimeout(total=AGENT_READ_TIMEOUT_S, connect=AGENT_CONNECT_TIMEOUT_S)  # tool results, cancel
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # the agent's id rule: a session id must match it
@@ -254,10 +255,17 @@ class Link:
 
     async def open_run(self, relay: Relay, content: str) -> aiohttp.ClientResponse:
         body = {"session_id": self.session_id, "run_id": relay.run_id, "content": content}
-        response = await self.agent_stream("POST", RUNS_PATH, json=body)
+        deadline = asyncio.get_running_loop().time() + SESSION_BUSY_WAIT_S
+        while True:
+            response = await self.agent_stream("POST", RUNS_PATH, json=body)
+            if response.status != 409 or asyncio.get_running_loop().time() > deadline:
+                break
+            # the session's previous run is still ending (a cancel on its way through the store): wait a little
+            await bounded_text(response)
+            await asyncio.sleep(0.05)
         if response.status == 409:
             text = await bounded_text(response)
-            raise AgentFailed(f"This session's previous run is still ending; send the message again. ({text})", True, ERR_SESSION_BUSY)
+            raise AgentFailed(f"This session's previous run is still going; cancel it or send the message again later. ({text})", True, ERR_SESSION_BUSY)
         if response.status != 200:
             text = await bounded_text(response)
             raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500)

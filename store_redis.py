@@ -402,8 +402,18 @@ class RedisStore:
         call_id = data["id"] if kind == TOOL_CALL else ""
         ends = "1" if kind in (FINAL, ERROR) else ""
         args = [lease.token, kind, text, seq if seq is not None else "", call_id, ends, self.ttl_s]
+        # Once sent, the script may run whatever happens to us: if the run is cancelled meanwhile,
+        # wait for the answer anyway, so that lease.seq stays in step with the log (a seq left
+        # behind would make the run's final collide with the event it failed to count).
+        sent = asyncio.ensure_future(self.append_script(keys=self.keys(lease.session_id), args=args))
         with redis_errors(lease):
-            await self.append_script(keys=self.keys(lease.session_id), args=args)
+            try:
+                await asyncio.shield(sent)
+            except asyncio.CancelledError:
+                await asyncio.wait([sent])
+                if seq is not None and not sent.cancelled() and sent.exception() is None:
+                    lease.seq = seq
+                raise
         if seq is not None:
             lease.seq = seq
         return len(text)

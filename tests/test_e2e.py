@@ -59,8 +59,10 @@ async def test_demo_turn_reads_then_patches_and_remembers(stack: Stack, tmp_path
 
 
 def test_cli_demo_with_generated_token(make_stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """No GATEWAY_TOKEN anywhere: the gateway makes one, ide.py finds it, the demo exits 0."""
-    stack: Stack = make_stack({"GATEWAY_TOKEN": ""})
+    """No GATEWAY_TOKEN anywhere: the gateway makes one, ide.py finds it, the demo exits 0.
+
+    One gateway, always: a generated token is per process, so replicas must share a GATEWAY_TOKEN."""
+    stack: Stack = make_stack({"GATEWAY_TOKEN": ""}, scale="memory")
     workspace = demo_copy(tmp_path)
     original = (workspace / "src" / "auth.js").read_text()
     env = {k: v for k, v in os.environ.items() if k != "GATEWAY_TOKEN"}
