@@ -51,11 +51,14 @@ from typing import Any, Protocol
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from protocol import (
+    ALLOWED_HOSTS,
+    BODY_TIMEOUT_S,
     CANCEL_PATH,
     CANCELLED,
     CANCELLING,
@@ -84,12 +87,17 @@ from protocol import (
     TOOL_INVALID,
     TOOL_RESULTS_PATH,
     TOOL_TIMEOUT,
+    ClientHungUp,
     EventStreamResponse,
+    Guard,
+    HttpProblem,
     dumps,
     iter_sse,
     log_event,
     openai_tools,
     read_chunks,
+    read_json_body,
+    serve,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +118,8 @@ MAX_RUN_BYTES = int(os.environ.get("AGENT_MAX_RUN_BYTES", str(16 * 1024 * 1024))
 MAX_BODY_BYTES = int(os.environ.get("AGENT_MAX_BODY_BYTES", str(2 * 1024 * 1024)))  # a user message or a tool result
 AGENT_LEASE_S = float(os.environ.get("AGENT_LEASE_S", "10"))  # REDIS_URL: a dead owner's run is declared lost after this
 REDIS_URL = os.environ.get("REDIS_URL", "")  # unset: everything in this process's memory
+AGENT_TOKEN = os.environ.get("AGENT_TOKEN", "")  # set: every request needs Authorization: Bearer <it> (the gateway sends it)
+LLM_PROXY_KEY = os.environ.get("LLM_PROXY_KEY", "")  # set: sent to llm_proxy as Authorization: Bearer <it>
 
 SYSTEM_PROMPT = """You are a coding agent working inside the user's IDE. You cannot see their \
 files until you read them: use read_file before changing anything. Prefer apply_patch with a \
@@ -841,12 +851,21 @@ def problem(status: int, message: str, **extra: Any) -> Response:
     return JSONResponse({"error": {"status": status, "message": message, **extra}}, status_code=status)
 
 
-async def read_json(request: Request) -> dict[str, Any] | None:
-    try:
-        body = await request.json()
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
+async def read_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, bounded (AGENT_MAX_BODY_BYTES, BODY_TIMEOUT_S); else HttpProblem."""
+    body = await read_json_body(request, MAX_BODY_BYTES, BODY_TIMEOUT_S)
+    if not isinstance(body, dict):
+        raise HttpProblem(400, f"expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def refused(request: Request, exc: HttpProblem) -> Response:
+    """One log line for a body we would not read; a hang-up gets no answer worth a traceback."""
+    if isinstance(exc, ClientHungUp):
+        log.info("%s %s: %s", request.method, request.url.path, exc.message)
+        return exc.response()
+    log.warning("answered %d: %s", exc.status, exc.message[:300])
+    return exc.response()
 
 
 def valid_id(value: Any) -> bool:
@@ -856,8 +875,11 @@ def valid_id(value: Any) -> bool:
 async def start_run(request: Request) -> Response:
     # {"session_id": str, "content": str, "run_id"?: str}
     agent: Agent = request.app.state.agent
-    body = await read_json(request)
-    if body is None or not valid_id(body.get("session_id")) or not isinstance(body.get("content"), str):
+    try:
+        body = await read_object(request)
+    except HttpProblem as exc:
+        return refused(request, exc)
+    if not valid_id(body.get("session_id")) or not isinstance(body.get("content"), str):
         return problem(400, 'Expected a JSON object {"session_id": id, "content": str, "run_id"?: id}; ids are 1 to 128 of [A-Za-z0-9_-].')
     run_id = body.get("run_id") or "run_" + secrets.token_hex(8)
     if not valid_id(run_id) or run_id in agent.runs:
@@ -903,8 +925,11 @@ async def post_tool_result(request: Request) -> Response:
     # {"tool_call_id": str, "result": any} or {"tool_call_id": str, "error": {"code", "message", "data"?}}
     agent: Agent = request.app.state.agent
     run_id = request.path_params["run_id"]
-    body = await read_json(request)
-    if body is None or not isinstance(body.get("tool_call_id"), str) or ("result" in body) == ("error" in body):
+    try:
+        body = await read_object(request)
+    except HttpProblem as exc:
+        return refused(request, exc)
+    if not isinstance(body.get("tool_call_id"), str) or ("result" in body) == ("error" in body):
         return problem(400, 'Expected {"tool_call_id": str} with exactly one of "result" and "error".')
     call_id = body["tool_call_id"]
     try:
@@ -943,7 +968,7 @@ async def healthz(request: Request) -> Response:
 # App
 # ---------------------------------------------------------------------------------------------
 
-LLM_PROXY_HEADERS: dict[str, str] = {}
+LLM_PROXY_HEADERS = {"Authorization": f"Bearer {LLM_PROXY_KEY}"} if LLM_PROXY_KEY else {}
 
 
 def make_store() -> Store:
@@ -989,11 +1014,10 @@ app = Starlette(
         Route("/healthz", healthz),
     ],
     lifespan=lifespan,
+    middleware=[Middleware(Guard, hosts=ALLOWED_HOSTS, secret=AGENT_TOKEN or None, secret_name="AGENT_TOKEN")],
 )
 
 if __name__ == "__main__":
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="The agent runtime: the tool-calling loop between gateway and LLM proxy.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8001, help="port to listen on (default 8001)")
@@ -1001,4 +1025,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # "agent:app", not app: store_redis imports this module by name, so it must not also run as __main__.
     # access_log off: each run and each tool call gets its own line (BENCHMARKS.md has what a line per request cost).
-    uvicorn.run("agent:app", host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=1, access_log=False)
+    serve("agent:app", args.host, args.port, secret=AGENT_TOKEN, secret_name="AGENT_TOKEN", log_level="info", timeout_graceful_shutdown=1, access_log=False)

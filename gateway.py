@@ -42,12 +42,14 @@ from typing import Any
 
 import aiohttp
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
+    ALLOWED_HOSTS,
     CANCEL,
     CANCEL_PATH,
     CANCELLING,
@@ -79,9 +81,11 @@ from protocol import (
     WS_NORMAL,
     WS_SUPERSEDED,
     WS_UNAUTHORIZED,
+    Guard,
     Message,
     RpcError,
     SSEEvent,
+    clip,
     iter_sse,
     notification,
     notification_relayed,
@@ -89,6 +93,7 @@ from protocol import (
     read_chunks,
     request,
     result,
+    serve,
     token_file,
 )
 
@@ -102,17 +107,14 @@ AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5")) 
 AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
 REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row before the gateway reports it
 SESSION_BUSY_WAIT_S = 3.0  # a user_message waits this long for the session's previous run to finish ending
+AGENT_TOKEN = os.environ.get("AGENT_TOKEN", "")  # sent to the agent as Authorization: Bearer <it>, when set
+# Origins a browser IDE may connect from, comma-separated (https://ide.example); the gateway's own is always allowed
+GATEWAY_ALLOWED_ORIGINS = frozenset(o.strip() for o in os.environ.get("GATEWAY_ALLOWED_ORIGINS", "").split(",") if o.strip())
 
 SHORT_CALL = aiohttp.ClientTimeout(total=AGENT_READ_TIMEOUT_S, connect=AGENT_CONNECT_TIMEOUT_S)  # tool results, cancel
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,128}")  # the agent's id rule: a session id must match it
 
 log = logging.getLogger("gateway")
-
-
-def clip(value: Any, limit: int = 80) -> str:
-    """repr() for a log line, cut: an id from the IDE may be a megabyte long."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,14 +337,14 @@ class Link:
             return False
         if event.event == SUPERSEDED:
             raise Superseded()
-        log.warning("ignoring unknown agent event %s", clip(event.event))
+        log.warning("ignoring unknown agent event %s", clip(repr(event.event)))
         return False
 
     async def tool_response(self, message: Message) -> None:
         """The IDE answered a tool request: hand it to the agent (the first answer per id wins there)."""
         relay = self.relay
         if relay is None or relay.run_id is None or not isinstance(message.id, str) or message.id not in relay.tool_calls:
-            log.warning("session %s: response to an unknown request id %s ignored", self.session_id, clip(message.id))
+            log.warning("session %s: response to an unknown request id %s ignored", self.session_id, clip(repr(message.id)))
             return
         relay.tool_calls.discard(message.id)
         body: dict[str, Any] = {"tool_call_id": message.id}
@@ -354,7 +356,7 @@ class Link:
         run_id = message.params.get("run_id", relay.run_id if relay else None)
         if relay is None or relay.run_id is None or run_id != relay.run_id:
             if message.kind == "request":
-                raise RpcError(NO_ACTIVE_RUN, f"No run {clip(run_id)} is in progress on this socket.", message.id)
+                raise RpcError(NO_ACTIVE_RUN, f"No run {clip(repr(run_id))} is in progress on this socket.", message.id)
             return
         relay.cancel_sent = True
         await self.post_agent(CANCEL_PATH.format(run_id=run_id), {})
@@ -452,7 +454,7 @@ async def ws_endpoint(ws: WebSocket) -> None:
                 log.info("session %s: frame refused: %d %s", link.session_id, exc.code, exc.message[:200])
                 await ws.send_text(exc.response())
             except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError) as exc:  # a bug: answer, keep serving
-                log.error("session %s: frame failed: %s", link.session_id, clip(exc, 300))
+                log.error("session %s: frame failed: %s", link.session_id, clip(repr(exc), 300))
                 await ws.send_text(RpcError(INTERNAL_ERROR, f"Internal error: {exc!r}"[:500]).response())
     except WebSocketDisconnect as exc:
         code = exc.code
@@ -490,7 +492,8 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
     generated = not os.environ.get("GATEWAY_TOKEN")
     app.state.token = publish_token(port) if generated else os.environ["GATEWAY_TOKEN"]
     timeout = aiohttp.ClientTimeout(total=None, connect=AGENT_CONNECT_TIMEOUT_S)  # reads: see agent_stream
-    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+    headers = {"Authorization": f"Bearer {AGENT_TOKEN}"} if AGENT_TOKEN else {}
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0), headers=headers) as http:
         app.state.http = http
         try:
             yield
@@ -502,11 +505,11 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
 app = Starlette(
     routes=[WebSocketRoute("/ws", ws_endpoint), Route("/healthz", healthz)],
     lifespan=lifespan,
+    # protected=False: the gateway checks its own token (4401); same_origin: a browser IDE served by the gateway's host
+    middleware=[Middleware(Guard, hosts=ALLOWED_HOSTS, origins=GATEWAY_ALLOWED_ORIGINS, same_origin=True, protected=False)],
 )
 
 if __name__ == "__main__":
-    import uvicorn
-
     parser = argparse.ArgumentParser(description="The WebSocket gateway between the IDE and the agent runtime.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
@@ -514,4 +517,4 @@ if __name__ == "__main__":
     os.environ["GATEWAY_PORT"] = str(args.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # ws_max_size: a frame over the limit is refused while it arrives (close 1009), not after it is whole
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", ws_max_size=MAX_FRAME_BYTES)
+    serve(app, args.host, args.port, secret=os.environ.get("GATEWAY_TOKEN", ""), secret_name="GATEWAY_TOKEN", log_level="info", ws_max_size=MAX_FRAME_BYTES)

@@ -764,7 +764,7 @@ class HeadTimeoutProtocol(H11Protocol):
         self.transport.close()
 
 
-def serve(app: ASGIApp, host: str, port: int, *, secret: str, secret_name: str, **uvicorn_options: Any) -> None:
+def serve(app: ASGIApp | str, host: str, port: int, *, secret: str, secret_name: str, **uvicorn_options: Any) -> None:
     """uvicorn.run() as every service runs: request heads under HEADER_TIMEOUT_S, connections
     capped at MAX_CONNECTIONS, and no start on a non-loopback address without the service's
     secret (exit status 2), as Redis's protected mode refuses. Other uvicorn options pass through.
