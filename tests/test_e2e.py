@@ -10,9 +10,17 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 import ide
 from conftest import ROOT, Stack
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def stack_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs twice: one of each service, then two gateways and two agents on Redis behind nginx."""
+    return request.param
+
 
 DEMO = ROOT / "examples" / "demo"
 PROMPT = "Add logging to src/auth.js"

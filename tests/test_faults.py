@@ -67,10 +67,17 @@ Frame = dict[str, Any]  # one JSON-RPC frame as received
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def stack_mode(request: pytest.FixtureRequest) -> str:
+    """The whole matrix runs twice: one of each service, then two gateways and two agents on Redis
+    behind nginx (there "the agent" is every replica)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, stack_mode: str) -> Iterator[Stack]:
     """The whole pipeline, its proxy retrying after ~10 ms instead of ~0.5 s (faults retry here)."""
-    s = start_stack(tmp_path_factory.mktemp("faults"), FAST_RETRY)
+    s = start_stack(tmp_path_factory.mktemp("faults"), FAST_RETRY, scale=stack_mode)
     yield s
     s.stop()
 

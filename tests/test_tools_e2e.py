@@ -18,6 +18,12 @@ import ide
 from conftest import Stack
 from test_ide_tools import scripted  # one scripted ask() for both tool suites
 
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def stack_mode(request: pytest.FixtureRequest) -> str:
+    """Every test here runs twice: one of each service, then two gateways and two agents on Redis behind nginx."""
+    return request.param
+
 TURN_TIMEOUT_S = 30  # a hang bound for one whole turn; a healthy one takes well under a second
 
 
