@@ -17,7 +17,7 @@ The loop, top down (each name is a function below):
 
     run_turn(agent, run)                    one user message -> exactly one final or error event
       step(agent, run, messages) -> str?    one model reply; its text when the model is done
-        call_llm(agent, run, messages)      -> Reply: text streamed out as token events at once
+        call_llm(agent, run, messages)      -> ModelReply: text streamed out as token events at once
         run_tools(agent, run, tool_calls)   -> tool messages: tool_call events out, answers back
 
 A failed tool (an IDE error, bad arguments, an unknown tool, a timeout) is data: it goes back to
@@ -62,6 +62,7 @@ from protocol import (
     CANCEL_PATH,
     CANCELLED,
     CANCELLING,
+    CHAT_COMPLETIONS_PATH,
     COMPLETED,
     DONE_DATA,
     ERR_INTERNAL,
@@ -475,7 +476,7 @@ class ToolCallSpec:
 
 
 @dataclass
-class Reply:
+class ModelReply:
     text: str
     tool_calls: list[ToolCallSpec]
 
@@ -620,7 +621,7 @@ async def step(agent: Agent, run: Run, messages: Messages) -> str | None:
     return None if reply.tool_calls else reply.text
 
 
-async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
+async def call_llm(agent: Agent, run: Run, messages: Messages) -> ModelReply:
     """Stream one completion; forward text the moment it arrives; assemble tool calls."""
     body = {
         "model": LLM_MODEL,
@@ -633,7 +634,7 @@ async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
     calls: dict[int, ToolCallSpec] = {}  # by the chunk's tool_calls[].index
     try:
         async with asyncio.timeout(LLM_READ_TIMEOUT_S):  # for the answer to start; then read_chunks times the body
-            response = await agent.http.post(f"{LLM_PROXY_URL}/chat/completions", json=body, headers=LLM_PROXY_HEADERS)
+            response = await agent.http.post(LLM_PROXY_URL + CHAT_COMPLETIONS_PATH, json=body, headers=LLM_PROXY_HEADERS)
         async with response, contextlib.aclosing(read_chunks(response.content, LLM_READ_TIMEOUT_S)) as reads:
             if response.status != 200:
                 async with asyncio.timeout(LLM_READ_TIMEOUT_S):  # the error body is read whole: bound it
@@ -653,7 +654,7 @@ async def call_llm(agent: Agent, run: Run, messages: Messages) -> Reply:
         raise RunEnded(ERR_LLM_STREAM, f"The LLM stream broke off: {exc!r}", True) from None
     except TimeoutError:
         raise RunEnded(ERR_LLM_STREAM, "The LLM proxy went silent (LLM_READ_TIMEOUT_S).", True) from None
-    return Reply("".join(text), [calls[i] for i in sorted(calls)])
+    return ModelReply("".join(text), [calls[i] for i in sorted(calls)])
 
 
 async def completion_chunks(reads: AsyncIterator[bytes]) -> AsyncIterator[list[dict[str, Any]]]:

@@ -57,7 +57,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol import DONE, EventStreamResponse, dumps, encode_data
+from protocol import CHAT_COMPLETIONS_PATH, DONE, MODELS_PATH, OPENAI_PREFIX, EventStreamResponse, dumps, encode_data
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -81,7 +81,7 @@ class ToolCall:
 
 
 @dataclass
-class Reply:
+class ScriptedReply:
     text: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
 
@@ -143,37 +143,37 @@ def logging_diff(path: str, content: str) -> tuple[str, int]:
     return f"diff --git a/{path} b/{path}\n{body}", max(count, 1)
 
 
-def script_demo(user: str, results: list[tuple[str, dict[str, Any]]]) -> Reply:
+def script_demo(user: str, results: list[tuple[str, dict[str, Any]]]) -> ScriptedReply:
     paths = _PATH.findall(user)
     if not results:
         if not paths:
-            return Reply("Tell me which file to work on, for example: Add logging to src/auth.js")
-        return Reply(f"I'll start by reading `{paths[0]}`.", [call("read_file", path=paths[0])])
+            return ScriptedReply("Tell me which file to work on, for example: Add logging to src/auth.js")
+        return ScriptedReply(f"I'll start by reading `{paths[0]}`.", [call("read_file", path=paths[0])])
     name, result = results[-1]
     if "error" in result:
-        return Reply(f"The {name} call failed: {result['error'].get('message', result['error'])}. Nothing was changed.")
+        return ScriptedReply(f"The {name} call failed: {result['error'].get('message', result['error'])}. Nothing was changed.")
     if name == "read_file":
         diff, count = logging_diff(result["path"], result["content"])
-        return Reply(f"Here is a patch that adds logging to {count} place(s).", [call("apply_patch", diff=diff)])
+        return ScriptedReply(f"Here is a patch that adds logging to {count} place(s).", [call("apply_patch", diff=diff)])
     files = ", ".join(result.get("files", [])) or "the file"
-    return Reply(f"Done: I added logging to {files}. Each function now logs when it is called.")
+    return ScriptedReply(f"Done: I added logging to {files}. Each function now logs when it is called.")
 
 
-def script_chat(messages: list[dict[str, Any]], user: str) -> Reply:
+def script_chat(messages: list[dict[str, Any]], user: str) -> ScriptedReply:
     earlier = [m["content"] for m in messages if m.get("role") == "user" and m.get("content") != user]
     memory = f" Earlier you said: {' | '.join(earlier)}." if earlier else " This is your first message."
-    return Reply(f"You said: {user}.{memory}")
+    return ScriptedReply(f"You said: {user}.{memory}")
 
 
-def script_calls(calls: list[dict[str, Any]], results: list[tuple[str, dict[str, Any]]]) -> Reply:
+def script_calls(calls: list[dict[str, Any]], results: list[tuple[str, dict[str, Any]]]) -> ScriptedReply:
     if len(results) < len(calls):
         spec = calls[len(results)]
-        return Reply(f"Calling {spec['name']}.", [ToolCall(spec["name"], json.dumps(spec.get("arguments", {})))])
+        return ScriptedReply(f"Calling {spec['name']}.", [ToolCall(spec["name"], json.dumps(spec.get("arguments", {})))])
     name, result = results[-1]
-    return Reply(f"{name} returned: {json.dumps(result, sort_keys=True)}")
+    return ScriptedReply(f"{name} returned: {json.dumps(result, sort_keys=True)}")
 
 
-def next_reply(messages: list[dict[str, Any]]) -> Reply:
+def next_reply(messages: list[dict[str, Any]]) -> ScriptedReply:
     start = last_user_index(messages)
     user = str(messages[start].get("content") or "")
     marks = markers(user)
@@ -183,22 +183,22 @@ def next_reply(messages: list[dict[str, Any]]) -> Reply:
     if calls:
         return script_calls(calls, results)
     if "tokens" in marks:
-        return Reply("".join(f" t{i}" for i in range(int(marks["tokens"]))))
+        return ScriptedReply("".join(f" t{i}" for i in range(int(marks["tokens"]))))
     if scenario == "chat":
         return script_chat(messages, user)
     if scenario == "loop":
-        return Reply("Reading again.", [call("read_file", path="README.md")])
+        return ScriptedReply("Reading again.", [call("read_file", path="README.md")])
     if scenario == "parallel":
         if results:
-            return Reply(f"Read {len(results)} files: " + ", ".join(r.get("path", "?") for _, r in results) + ".")
+            return ScriptedReply(f"Read {len(results)} files: " + ", ".join(r.get("path", "?") for _, r in results) + ".")
         paths = _PATH.findall(user)[:2] or ["a.txt", "b.txt"]
-        return Reply("Reading both.", [call("read_file", path=p) for p in paths])
+        return ScriptedReply("Reading both.", [call("read_file", path=p) for p in paths])
     if scenario in ("bad_args", "unknown_tool"):
         if results:
-            return Reply(f"The tool said: {results[-1][1].get('error', {}).get('message', '')}")
+            return ScriptedReply(f"The tool said: {results[-1][1].get('error', {}).get('message', '')}")
         if scenario == "bad_args":
-            return Reply("", [ToolCall("read_file", '{"path": "src/auth.js"')])
-        return Reply("", [call("delete_everything", path="/")])
+            return ScriptedReply("", [ToolCall("read_file", '{"path": "src/auth.js"')])
+        return ScriptedReply("", [call("delete_everything", path="/")])
     return script_demo(user, results)
 
 
@@ -221,7 +221,7 @@ def chunk(completion_id: str, created: int, delta: dict[str, Any], finish: str |
     return encode_data(dumps(body))
 
 
-def reply_chunks(reply: Reply, completion_id: str, created: int, usage: bool) -> list[bytes]:
+def reply_chunks(reply: ScriptedReply, completion_id: str, created: int, usage: bool) -> list[bytes]:
     """The whole reply as OpenAI stream chunks, in order (without usage and [DONE])."""
     out = [chunk(completion_id, created, {"role": "assistant", "content": "", "refusal": None}, usage=usage)]
     out += [chunk(completion_id, created, {"content": t}, usage=usage) for t in tokens_of(reply.text)]
@@ -236,7 +236,7 @@ def reply_chunks(reply: Reply, completion_id: str, created: int, usage: bool) ->
     return out
 
 
-def usage_of(messages: list[dict[str, Any]], reply: Reply) -> dict[str, int]:
+def usage_of(messages: list[dict[str, Any]], reply: ScriptedReply) -> dict[str, int]:
     prompt = sum(len(str(m.get("content") or "")) for m in messages) // 4 + len(messages)
     completion = len(tokens_of(reply.text)) + sum(len(tc.arguments) // 4 + 1 for tc in reply.tool_calls)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -294,7 +294,7 @@ async def chat_completions(request: Request) -> Response:
     return EventStreamResponse(stream(stats, reply, marks, completion_id, created, usage if include_usage else None, delay))
 
 
-async def stream(stats: Stats, reply: Reply, marks: dict[str, str], completion_id: str, created: int, usage: dict[str, int] | None, delay: float) -> AsyncGenerator[bytes, None]:
+async def stream(stats: Stats, reply: ScriptedReply, marks: dict[str, str], completion_id: str, created: int, usage: dict[str, int] | None, delay: float) -> AsyncGenerator[bytes, None]:
     stats.active += 1
     finished = False
     try:
@@ -329,7 +329,7 @@ async def stream(stats: Stats, reply: Reply, marks: dict[str, str], completion_i
             stats.aborted += 1
 
 
-def completion(reply: Reply, completion_id: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
+def completion(reply: ScriptedReply, completion_id: str, created: int, usage: dict[str, int]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": reply.text or None, "refusal": None}
     if reply.tool_calls:
         message["tool_calls"] = [{"id": tc.id, "type": "function", "function": {"name": tc.name, "arguments": tc.arguments}} for tc in reply.tool_calls]
@@ -366,8 +366,8 @@ async def healthz(request: Request) -> Response:
 def create_app() -> Starlette:
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/models", models),
+            Route(OPENAI_PREFIX + CHAT_COMPLETIONS_PATH, chat_completions, methods=["POST"]),
+            Route(OPENAI_PREFIX + MODELS_PATH, models),
             Route("/_fake/stats", stats),
             Route("/healthz", healthz),
         ]

@@ -88,11 +88,14 @@ from starlette.routing import Route
 from protocol import (
     ALLOWED_HOSTS,
     BODY_TIMEOUT_S,
+    CHAT_COMPLETIONS_PATH,
     DONE,
     DONE_DATA,
     ERR_LLM,
     ERR_LLM_STREAM,
     ERR_LLM_UNAVAILABLE,
+    MODELS_PATH,
+    OPENAI_PREFIX,
     EventStreamResponse,
     Guard,
     HttpProblem,
@@ -163,7 +166,7 @@ log = logging.getLogger("llm_proxy")
 
 RETRY_STATUSES = frozenset({408, 409, 429})  # and every 5xx: what OpenAI's own SDK retries
 PASSED_BACK = ("retry-after", "retry-after-ms", "x-should-retry")  # and x-ratelimit-*: hints for the client
-INVALID_REQUEST = "invalid_request_error"  # OpenAI's error `type` for a request we refuse
+OPENAI_INVALID_REQUEST = "invalid_request_error"  # OpenAI's error `type` for a request we refuse
 UPSTREAM_ERROR = "upstream_error"  # our error `type` for a failure on the way to the model
 # A model id as the one path segment of GET /v1/models/{model}, checked on the raw path: OpenAI's
 # ids (gpt-4o-mini, ft:gpt-4o-mini:org::abc123) fit; `/`, `%` (any encoding) and `..` do not.
@@ -184,7 +187,7 @@ def error_body(message: str, type: str, code: str | None, param: str | None = No
 
 def refusal_body(status: int, message: str) -> dict[str, Any]:
     """A request refused here (the Guard's, read_body's): OpenAI's shape; the status says which."""
-    return error_body(message, INVALID_REQUEST, None)
+    return error_body(message, OPENAI_INVALID_REQUEST, None)
 
 
 class UpstreamError(Exception):
@@ -326,7 +329,7 @@ def checked_chunk(data: str) -> dict[str, Any] | None:
 
 
 @dataclass
-class Reply:
+class UpstreamReply:
     """The upstream's answer to one attempt, as far as it was read before answering the client."""
 
     resp: aiohttp.ClientResponse  # status and headers; a stream's remaining body is read from it
@@ -334,7 +337,7 @@ class Reply:
     streaming: bool  # True: a 200 stream, still open; False: read to the end and released
 
 
-async def try_once(session: aiohttp.ClientSession, settings: Settings, ex: Exchange) -> Reply:
+async def try_once(session: aiohttp.ClientSession, settings: Settings, ex: Exchange) -> UpstreamReply:
     """One attempt: send, then read what must be read before the client can be answered."""
     resp: aiohttp.ClientResponse | None = None
     waiting_for, limit = "first chunk", settings.first_chunk_timeout_s
@@ -350,13 +353,13 @@ async def try_once(session: aiohttp.ClientSession, settings: Settings, ex: Excha
                 if not head:
                     raise UpstreamError("the upstream closed the stream before its first chunk", retryable=True)
                 answered = True
-                return Reply(resp, head, streaming=True)
+                return UpstreamReply(resp, head, streaming=True)
         waiting_for, limit = "rest of its answer", settings.idle_timeout_s
         async with asyncio.timeout(limit):
             head = await resp.read()
         resp.release()
         answered = True
-        return Reply(resp, head, streaming=False)
+        return UpstreamReply(resp, head, streaming=False)
     except aiohttp.ConnectionTimeoutError:
         message = f"could not connect to the upstream within {settings.connect_timeout_s:g}s"
         raise UpstreamError(message, 504, retryable=True) from None
@@ -369,14 +372,14 @@ async def try_once(session: aiohttp.ClientSession, settings: Settings, ex: Excha
             resp.close()
 
 
-async def open_upstream(session: aiohttp.ClientSession, settings: Settings, ex: Exchange) -> Reply:
+async def open_upstream(session: aiohttp.ClientSession, settings: Settings, ex: Exchange) -> UpstreamReply:
     """Send the request, retrying what is worth retrying while nothing has gone to the client.
 
     Returns the last answer, which may be an error status for the client; raises UpstreamError
     when the last attempt got no answer at all.
     """
     while True:
-        reply: Reply | None = None
+        reply: UpstreamReply | None = None
         failure: UpstreamError | None = None
         try:
             reply = await try_once(session, settings, ex)
@@ -418,7 +421,7 @@ async def read_more(reads: AsyncIterator[bytes], idle_timeout_s: float) -> bytes
     return data
 
 
-async def relay_stream(reply: Reply, ex: Exchange, idle_timeout_s: float) -> AsyncGenerator[bytes, None]:
+async def relay_stream(reply: UpstreamReply, ex: Exchange, idle_timeout_s: float) -> AsyncGenerator[bytes, None]:
     """Forward a started stream, one body write per network read; if it breaks, one error event.
 
     The aiohttp response is closed in `finally`: that is what aborts the upstream request when
@@ -462,7 +465,7 @@ async def relay_stream(reply: Reply, ex: Exchange, idle_timeout_s: float) -> Asy
         ex.done(status, error)
 
 
-def answer(reply: Reply, ex: Exchange) -> Response:
+def answer(reply: UpstreamReply, ex: Exchange) -> Response:
     """A whole (non-streamed) upstream answer, for the client: the same status and bytes.
 
     An error body not in OpenAI's shape (a load balancer's HTML page, say) is wrapped in it, so
@@ -541,7 +544,7 @@ async def proxy(request: Request, ex: Exchange) -> Response:
 
 def bad_request(ex: Exchange, message: str, param: str | None = None) -> JSONResponse:
     ex.done(400, message)
-    return JSONResponse(error_body(message, INVALID_REQUEST, None, param), 400)
+    return JSONResponse(error_body(message, OPENAI_INVALID_REQUEST, None, param), 400)
 
 
 def refuse(ex: Exchange, problem: HttpProblem) -> Response:
@@ -553,7 +556,7 @@ def refuse(ex: Exchange, problem: HttpProblem) -> Response:
 async def chat_completions(request: Request) -> Response:
     # {"model": str, "messages": [{"role": str, "content": ...}, ...], "stream"?: bool, ...}
     settings: Settings = request.state.settings
-    ex = Exchange("POST", "/chat/completions")
+    ex = Exchange("POST", CHAT_COMPLETIONS_PATH)
     try:
         ex.body = await read_body(request, settings.max_body_bytes, settings.body_timeout_s)
         body = parse_json(ex.body)
@@ -572,17 +575,17 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def models(request: Request) -> Response:
-    return await proxy(request, Exchange("GET", "/models"))
+    return await proxy(request, Exchange("GET", MODELS_PATH))
 
 
 async def model(request: Request) -> Response:
     """GET /v1/models/{model}, for an id that is one plain path segment as the client wrote it."""
-    raw_id = request.scope.get("raw_path", request.url.path.encode()).removeprefix(b"/v1/models/")
+    raw_id = request.scope.get("raw_path", request.url.path.encode()).removeprefix(f"{OPENAI_PREFIX}{MODELS_PATH}/".encode())
     if MODEL_ID.fullmatch(raw_id) is None or b".." in raw_id:  # `%2e%2e` passed routing as `..`
         shown = clip(raw_id.decode("latin-1"), 60)
         message = f"not a model id: {shown!r}; expected up to 128 letters, digits, '.', '_', ':' or '-', and no '..'"
-        return bad_request(Exchange("GET", "/models/" + shown), message, "model")
-    return await proxy(request, Exchange("GET", "/models/" + raw_id.decode("ascii")))
+        return bad_request(Exchange("GET", f"{MODELS_PATH}/{shown}"), message, "model")
+    return await proxy(request, Exchange("GET", f"{MODELS_PATH}/{raw_id.decode('ascii')}"))
 
 
 async def no_route(request: Request, exc: HTTPException) -> Response:
@@ -590,7 +593,7 @@ async def no_route(request: Request, exc: HTTPException) -> Response:
     method, path = request.method, clip(request.url.path, 60)
     log.info("%s %s status=%d error='not forwarded'", method, path, exc.status_code)
     message = f"{method} {path} is not forwarded; this proxy serves {ROUTES}"
-    return JSONResponse(error_body(message, INVALID_REQUEST, None), exc.status_code, exc.headers)
+    return JSONResponse(error_body(message, OPENAI_INVALID_REQUEST, None), exc.status_code, exc.headers)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -617,9 +620,9 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/models/{model}", model, methods=["GET"]),  # one segment: no `/`, even decoded from %2f
+        Route(OPENAI_PREFIX + CHAT_COMPLETIONS_PATH, chat_completions, methods=["POST"]),
+        Route(OPENAI_PREFIX + MODELS_PATH, models, methods=["GET"]),
+        Route(OPENAI_PREFIX + MODELS_PATH + "/{model}", model, methods=["GET"]),  # one segment: no `/`, even decoded from %2f
     ]
     guard = Middleware(
         Guard, hosts=settings.allowed_hosts, secret=settings.client_key or None, secret_name="LLM_PROXY_KEY",

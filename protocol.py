@@ -74,6 +74,11 @@ RUN_ID_HEADER = "X-Run-Id"  # on an events stream: the run in progress, or empty
 LAST_SEQ_HEADER = "X-Last-Seq"  # on an events stream: the newest seq the session has
 CANCELLING = "cancelling"  # the cancel endpoint's status: the final follows on the stream
 
+# agent -> llm_proxy -> upstream: OpenAI's paths, under a base URL that ends in /v1
+OPENAI_PREFIX = "/v1"  # llm_proxy and fake_llm serve under it; LLM_PROXY_URL and OPENAI_BASE_URL include it
+CHAT_COMPLETIONS_PATH = "/chat/completions"
+MODELS_PATH = "/models"
+
 # final.status
 COMPLETED = "completed"
 CANCELLED = "cancelled"

@@ -116,22 +116,22 @@ async def serve() -> AsyncIterator[Serve]:
 
 
 @dataclass
-class Reply:
+class RawAnswer:
     status: int  # 0: the server closed without answering
     headers: dict[str, str]
     body: bytes
 
 
-def parse_reply(data: bytes) -> Reply:
+def parse_reply(data: bytes) -> RawAnswer:
     if not data:
-        return Reply(0, {}, b"")
+        return RawAnswer(0, {}, b"")
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *lines = head.decode("latin-1").split("\r\n")
     headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
-    return Reply(int(status_line.split()[1]), headers, body)
+    return RawAnswer(int(status_line.split()[1]), headers, body)
 
 
-async def exchange(port: int, data: bytes, bind: str = "127.0.0.1") -> Reply:
+async def exchange(port: int, data: bytes, bind: str = "127.0.0.1") -> RawAnswer:
     """Send `data` on a new connection, read until the server closes it."""
     reader, writer = await asyncio.open_connection(bind, port)
     writer.write(data)
@@ -150,7 +150,7 @@ def request(method: str, path: str, headers: dict[str, str], body: bytes = b"") 
     return ("\r\n".join([*lines, "Connection: close", "", ""])).encode("latin-1") + body
 
 
-async def call(port: int, method: str = "GET", path: str = "/echo", host: str | None = None, body: bytes = b"", **headers: str) -> Reply:
+async def call(port: int, method: str = "GET", path: str = "/echo", host: str | None = None, body: bytes = b"", **headers: str) -> RawAnswer:
     """One request with Host 127.0.0.1:port unless told; header names given as Content_Type."""
     named = {"Host": host if host is not None else f"127.0.0.1:{port}", **{k.replace("_", "-"): v for k, v in headers.items()}}
     return await exchange(port, request(method, path, named, body))

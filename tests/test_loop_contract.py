@@ -70,23 +70,23 @@ def data_line(chunk: Chunk) -> bytes:
 
 
 @dataclass
-class Reply:
+class ScriptedCompletion:
     """One scripted completion: its writes, then (when the request asks for it) usage and [DONE]."""
 
     writes: Script
     usage: tuple[int, int] = (10, 1)  # (prompt_tokens, completion_tokens) for the usage chunk
 
 
-def text_reply(text: str, usage: tuple[int, int] = (10, 1)) -> Reply:
+def text_reply(text: str, usage: tuple[int, int] = (10, 1)) -> ScriptedCompletion:
     """A final answer in two writes: the opening and the text, then the stop."""
-    return Reply([[opening(), delta(text)], [delta(finish="stop")]], usage)
+    return ScriptedCompletion([[opening(), delta(text)], [delta(finish="stop")]], usage)
 
 
 @dataclass
 class Upstream:
     """Answers the n-th POST /v1/chat/completions with replies[n]; keeps every request body."""
 
-    replies: list[Reply]
+    replies: list[ScriptedCompletion]
     requests: list[dict[str, Any]] = field(default_factory=list)  # the JSON bodies, in arrival order
     base_url: str = ""
 
@@ -164,7 +164,7 @@ async def test_next_turn_sends_user_tool_call_tool_result_and_answer_as_history(
     """Turn two's model request is [system, user1, assistant(tool_calls), tool, assistant, user2]."""
     arguments = '{"path": "notes.txt"}'
     upstream.replies = [
-        Reply([
+        ScriptedCompletion([
             [opening(), delta("Let me look.")],
             [delta(tool_calls=[{"index": 0, "id": "call_notes", "type": "function", "function": {"name": "read_file", "arguments": ""}}])],
             [delta(tool_calls=[{"index": 0, "function": {"arguments": arguments}}]), delta(finish="tool_calls")],
@@ -209,7 +209,7 @@ async def test_next_turn_sends_user_tool_call_tool_result_and_answer_as_history(
 async def test_final_usage_is_the_sum_over_the_runs_model_calls(make_stack: Callable[..., Stack], upstream: Upstream) -> None:
     """A turn of two model calls reports usage = call one's + call two's, field by field."""
     upstream.replies = [
-        Reply([
+        ScriptedCompletion([
             [opening(), delta(tool_calls=[{"index": 0, "id": "call_u", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "u.txt"}'}}])],
             [delta(finish="tool_calls")],
         ], usage=(100, 7)),
@@ -239,7 +239,7 @@ async def test_interleaved_fragments_of_two_parallel_calls_are_assembled_by_inde
         {"index": 0, "function": {"arguments": '{"path": '}},
     ]))  # fmt: skip
     upstream.replies = [
-        Reply([
+        ScriptedCompletion([
             # the opening, A and B in one write
             [
                 opening(),
