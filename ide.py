@@ -4,16 +4,27 @@
       ↑ read_file, write_file, git.diff, apply_patch, apply_patch_review, prompt_user
         run here, on --workspace: the model never touches the disk itself
 
-Run:  python ide.py --workspace DIR [--gateway ws://127.0.0.1:8000/ws] [--token T] [--yes | --no] [PROMPT]
+Run:  python ide.py --workspace DIR [--gateway ws://127.0.0.1:8000/ws] [--token T] [--yes | --no]
+                     [--reconnect-for 30] [PROMPT]
 
 With PROMPT it plays one turn and exits: 0 when the run completes, 1 when it is cancelled or
 ends with an error, 2 when the token is missing or refused, 3 when the gateway cannot be reached
-or goes away, 130 on a second Ctrl-C. Without PROMPT it is a prompt loop (`> `), one conversation
-on one socket: Ctrl-C during a turn cancels the run, Ctrl-D quits. The model's text goes to
-stdout, everything else (prompts, hunks, one line per tool run) to stderr, so stdout can be piped.
+or a dropped connection cannot be resumed, 130 on a second Ctrl-C. Without PROMPT it is a prompt
+loop (`> `), one conversation: Ctrl-C during a turn cancels the run, Ctrl-D quits (closing with
+1000, which cancels a run still going). The model's text goes to stdout, everything else
+(prompts, hunks, one line per tool run) to stderr, so stdout can be piped.
+
+A dropped connection is not the end of a turn (CONTRACT v2, "Sessions and resume"): ide.py says
+"connection lost, resuming…", reconnects with backoff for --reconnect-for seconds, sends
+`resume` with the last seq it saw, and goes on ("resumed"): nothing shown twice, each tool-call
+id run at most once (a request sent again is answered from what was done), a review the user is
+answering carried through. A conversation the gateway no longer has ends a one-turn run with 1;
+the prompt loop says so and starts a new one. Another connection taking the session over (4409)
+stops this one (exit 1): it does not take it back.
 
 The file reads top down: the six tools (Workspace, plain methods testable without a network),
-then the client (run_turn, one user message to its final or error), then the command line.
+then the client (Connection, the socket kept up across drops; run_turn, one user message to its
+final or error), then the command line.
 Every tool call is treated as possibly hostile (a model obeys what it reads), so the tools keep
 these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops):
   - a path is walked one directory at a time from the workspace's own descriptor, never
@@ -28,7 +39,7 @@ these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops
   - whatever came from the model or the workspace is shown with its control characters made
     visible (ESC as ^[), so it cannot drive the terminal; colours are ide.py's own.
 
-Left out: an editor UI, several conversations per socket, reconnecting, binary patches, and
+Left out: an editor UI, several conversations per socket, binary patches, and
 Windows (the path walk needs POSIX's dir_fd calls; a port would open relative to a handle).
 """
 
@@ -39,14 +50,18 @@ import asyncio
 import codecs
 import contextlib
 import errno
+import functools
 import json
 import os
+import random
 import re
 import signal
 import stat
 import sys
 import tempfile
 import threading
+import time
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,10 +77,15 @@ from protocol import (
     FINAL,
     INTERNAL_ERROR,
     METHOD_NOT_FOUND,
+    RESUME,
+    SEQ_TOO_OLD,
     TOKEN,
     TOOL_ERRORS,
     TOOL_METHODS,
+    UNKNOWN_SESSION,
     USER_MESSAGE,
+    WS_NORMAL,
+    WS_SUPERSEDED,
     WS_UNAUTHORIZED,
     JsonId,
     Message,
@@ -94,6 +114,12 @@ GIT_OUTPUT_CAP_BYTES = 4 * 1024 * 1024  # most output taken from any other git c
 GIT_TIMEOUT_S = 30.0  # one git command; a hung git becomes a tool error, not a hung IDE
 MAX_SYMLINKS = 40  # symlinks followed in one path, as Linux allows; more is a loop
 CONNECT_TIMEOUT_S = 10.0  # reaching the gateway
+HEARTBEAT_S = 20.0  # ping the gateway this often; no pong within half of it is a drop (a network gone quiet)
+RECONNECT_FOR_S = 30.0  # after a drop, how long to keep trying to resume (--reconnect-for; the agent's RESUME_GRACE_S default)
+RECONNECT_FIRST_S = 0.1  # the first pause between tries; doubled after each, jittered
+RECONNECT_MAX_S = 2.0  # the longest pause between tries
+ANSWERS_KEPT = 256  # tool answers kept (the newest), for a request the gateway sends again after a resume
+RESUME_ID = "resume"  # the id of ide.py's resume requests; a user message's id is a number
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # largest frame taken from the gateway (a big diff to apply)
 NEW_FILE_MODE = 0o644  # permissions of a file the tools create; an overwrite keeps the old ones
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the only hosts the token file is sent to
@@ -103,12 +129,13 @@ ASK, YES, NO = "ask", "yes", "no"
 
 # exit statuses of the command line (2 is also argparse's own for a bad command line)
 EXIT_OK = 0
-EXIT_RUN_FAILED = 1  # the run was cancelled or ended with an error
+EXIT_RUN_FAILED = 1  # the run was cancelled or ended with an error, the conversation was lost, or taken over (4409)
 EXIT_USAGE = 2  # no workspace, no token found, or a token the gateway refused (close code 4401)
-EXIT_CONNECTION = 3  # the gateway could not be reached, or the socket dropped
+EXIT_CONNECTION = 3  # the gateway could not be reached, or a dropped connection could not be resumed
 EXIT_INTERRUPTED = 130  # a second Ctrl-C, the shell's convention for SIGINT
 
 Ask = Callable[[str], Awaitable[str]]  # show a prompt, return the line typed; EOFError if none will come
+Opener = Callable[[], Awaitable[aiohttp.ClientWebSocketResponse]]  # opens a new socket to the gateway
 
 # ---------------------------------------------------------------------------------------------
 # Tool errors and argument checks
@@ -1138,7 +1165,7 @@ def patch_error(stderr: str, files: list[FileDiff], status: int) -> ToolError:
 
 
 # ---------------------------------------------------------------------------------------------
-# The client: one turn on the gateway's WebSocket
+# The client: the connection, kept up across drops, and one turn on it
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1148,6 +1175,19 @@ class ClientExit(Exception):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SessionLost(ClientExit):
+    """The gateway no longer has the conversation (resume answered -32002): the prompt loop
+    starts a new one; a one-turn run ends with it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_RUN_FAILED)
+
+
+class Dropped(Exception):
+    """The socket ended with nothing to say it should: a network gone, a gateway restarted. A
+    reconnect and a resume carry on."""
 
 
 @dataclass
@@ -1167,28 +1207,35 @@ class TurnResult:
         return EXIT_OK if self.status == COMPLETED else EXIT_RUN_FAILED
 
 
-async def send(ws: aiohttp.ClientWebSocketResponse, frame: str) -> None:
+async def write_frame(ws: aiohttp.ClientWebSocketResponse, frame: str) -> None:
     try:
         await ws.send_str(frame)
     except (ConnectionError, aiohttp.ClientError) as exc:
-        raise ClientExit(f"lost the connection to the gateway: {exc}", EXIT_CONNECTION) from None
+        raise Dropped(f"the connection to the gateway broke: {exc}") from None
 
 
-async def receive(ws: aiohttp.ClientWebSocketResponse) -> str:
-    """The next text frame; ClientExit when the socket closes or breaks. (Pings are answered
-    inside ws.receive(), which is why something must always be reading.)"""
+async def read_frame(ws: aiohttp.ClientWebSocketResponse) -> str:
+    """The next text frame. Dropped when the socket breaks or closes with any code but these,
+    which a reconnect cannot mend (ClientExit): 4401 the token refused, 4409 the session taken
+    over by another connection, 1000 closed on purpose. (Pings are answered inside
+    ws.receive(), which is why something must always be reading.)"""
     msg = await ws.receive()
     if msg.type == aiohttp.WSMsgType.TEXT:
         return msg.data
     if msg.type == aiohttp.WSMsgType.BINARY:
         return msg.data.decode("utf-8", errors="replace")
     if msg.type == aiohttp.WSMsgType.ERROR:
-        raise ClientExit(f"the connection to the gateway broke: {ws.exception()}", EXIT_CONNECTION)
+        raise Dropped(f"the connection to the gateway broke: {ws.exception()}")
     code = ws.close_code
     reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE and msg.extra else ""
     if code == WS_UNAUTHORIZED:
         raise ClientExit(f"the gateway refused the token: {reason} (set GATEWAY_TOKEN or pass --token)", EXIT_USAGE)
-    raise ClientExit(f"the gateway closed the connection (code {code}{': ' + reason if reason else ''})", EXIT_CONNECTION)
+    if code == WS_SUPERSEDED:  # taking it back would close the other one in turn: stop instead
+        raise ClientExit(f"another connection took this conversation over ({reason}); this one stops here", EXIT_RUN_FAILED)
+    closed = f"the gateway closed the connection (code {code}{': ' + reason if reason else ''})"
+    if code == WS_NORMAL:
+        raise ClientExit(closed, EXIT_CONNECTION)
+    raise Dropped(closed)
 
 
 def describe(method: str, params: dict[str, Any], value: dict[str, Any] | None = None) -> str:
@@ -1239,8 +1286,8 @@ class Screen:
         self.note.flush()
 
 
-async def answer_tool(ws: aiohttp.ClientWebSocketResponse, message: Message, workspace: Workspace, screen: Screen) -> None:
-    """Run one tool request and send its response; the id is the model's tool-call id, verbatim."""
+async def answer_tool(message: Message, workspace: Workspace, screen: Screen) -> str:
+    """Run one tool request: its response frame, whose id is the model's tool-call id, verbatim."""
     value = None
     try:
         value = await workspace.call(message.method, message.params)
@@ -1250,19 +1297,203 @@ async def answer_tool(ws: aiohttp.ClientWebSocketResponse, message: Message, wor
     except Exception as exc:  # a bug in a tool must not leave the agent waiting: it gets the error
         frame, said = error_response(message.id, INTERNAL_ERROR, f"the IDE failed running {message.method}: {exc!r}"), f"crashed: {exc!r}"
     screen.say(f"[tool] {describe(message.method, message.params, value)} -> {said}")
-    with contextlib.suppress(ClientExit):  # the socket is gone: run_turn's reading reports it
-        await send(ws, frame)
+    return frame
 
 
-async def send_cancel(ws: aiohttp.ClientWebSocketResponse, cancel: asyncio.Event, turn: TurnResult, screen: Screen) -> None:
+class Connection:
+    """The socket to the gateway, kept up: after a drop it reconnects, with backoff, for at most
+    `reconnect_for` seconds, and resumes the session from the last seq seen (CONTRACT v2,
+    "Sessions and resume"). Everything a resume needs is kept here, and nowhere else:
+
+      - session_id, and last_seq, the newest seq received: a notification at or below it is
+        never passed on again, so no text is shown twice;
+      - answers, the response sent to each tool-call id: the gateway sends a request still
+        waiting again after a resume, and it is answered from here, never run twice (a patch
+        applied once, a hunk never asked about again);
+      - running, the tools still at work: a review the user is answering goes on through a drop,
+        and its answer goes out on whichever socket is up when it is done.
+
+    receive() and send() reconnect; answer() and send_now() never wait for one.
+    """
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse, reopen: Opener | None = None, reconnect_for: float = 0.0) -> None:
+        self.ws: aiohttp.ClientWebSocketResponse | None = ws  # None once it dropped, until a resume
+        self.reopen = reopen if reconnect_for > 0 else None  # opens a new socket (connect()); None: a drop is the end
+        self.reconnect_for = reconnect_for
+        self.screen = Screen(sys.stdout, sys.stderr)  # where "connection lost" shows; each turn sets its own
+        self.session_id: str | None = None
+        self.last_seq = 0
+        self.answers: OrderedDict[JsonId, str] = OrderedDict()  # call id -> response frame, the newest ANSWERS_KEPT
+        self.running: dict[JsonId, asyncio.Task[None]] = {}  # call id -> its tool, not done yet
+        self.pending: deque[str] = deque()  # frames read while resuming, for receive() to pass on
+        self.why = ""  # what ended the last socket
+
+    async def receive(self) -> Message:
+        """The next message, after a reconnect and resume if the socket dropped. The resume's
+        answer is passed on too (id RESUME_ID, {"session_id", "run_id", "last_seq"}), before
+        the replay, so that a turn can act on what the gateway still has."""
+        while True:
+            ws = await self.up()
+            try:
+                message = parse_message(self.pending.popleft() if self.pending else await read_frame(ws))
+            except Dropped as exc:
+                self.down(ws, exc)
+                continue
+            except RpcError as exc:  # the gateway sent something that is not JSON-RPC
+                await self.send_now(exc.response())
+                continue
+            seq = message.params.get("seq")
+            if message.kind == "notification" and isinstance(seq, int):
+                if seq <= self.last_seq:
+                    continue  # had before the drop: a resume replays only what came after, but never show it twice
+                self.last_seq = seq
+            return message
+
+    async def send(self, frame: str) -> aiohttp.ClientWebSocketResponse:
+        """Send a frame the gateway must get (a user message), after a reconnect if need be;
+        the socket it went out on."""
+        while True:
+            ws = await self.up()
+            try:
+                await write_frame(ws, frame)
+                return ws
+            except Dropped as exc:
+                self.down(ws, exc)
+
+    async def send_now(self, frame: str) -> None:
+        """Send on the socket that is up now, if one is: what a resume makes good if it is lost
+        (a tool's answer is asked for again, a cancel sent again after the resume)."""
+        if self.ws is not None:
+            with contextlib.suppress(Dropped):
+                await write_frame(self.ws, frame)
+
+    async def answer(self, id: JsonId, run: Callable[[], Awaitable[str]]) -> bool:
+        """Answer a tool request at most once per call id. A new id starts `run`, the tool, in a
+        task of its own (reading goes on); its response frame is kept, then sent. An id already
+        answered gets the kept frame again; one still running is left to its task. True when
+        the tool was started."""
+        if id in self.answers:
+            await self.send_now(self.answers[id])
+        elif id not in self.running:
+            self.running[id] = asyncio.create_task(self.run_tool(id, run))
+            return True
+        return False
+
+    async def run_tool(self, id: JsonId, run: Callable[[], Awaitable[str]]) -> None:
+        try:
+            frame = await run()
+        finally:
+            self.running.pop(id, None)
+        self.answers[id] = frame  # kept before it is sent: a request re-sent from now on finds it
+        while len(self.answers) > ANSWERS_KEPT:
+            self.answers.popitem(last=False)
+        await self.send_now(frame)
+
+    async def stop_tools(self) -> None:
+        """The run is over: a question still on screen has no one to answer to."""
+        tasks = list(self.running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.running.clear()
+
+    def down(self, ws: aiohttp.ClientWebSocketResponse, why: Exception) -> None:
+        """`ws` dropped: said once, however many times a reconnect is interrupted and begun again."""
+        if self.ws is ws:
+            self.ws, self.why = None, str(why)
+            self.pending.clear()
+            if self.reopen is not None:
+                self.screen.say(f"[connection lost, resuming… ({why}; session {self.session_id}, seq {self.last_seq})]")
+
+    async def up(self) -> aiohttp.ClientWebSocketResponse:
+        """The socket; after a drop, a new one with the session resumed on it."""
+        while self.ws is None:
+            await self.reconnect()
+        return self.ws
+
+    async def reconnect(self) -> None:
+        """Try to resume until it works, pausing RECONNECT_FIRST_S, doubled each time up to
+        RECONNECT_MAX_S, jittered (many IDEs dropped by one restart do not come back in step);
+        after reconnect_for seconds, give up with EXIT_CONNECTION."""
+        if self.reopen is None:
+            raise ClientExit(self.why, EXIT_CONNECTION)
+        started, pause, why = time.monotonic(), RECONNECT_FIRST_S, self.why
+        try:
+            async with asyncio.timeout(self.reconnect_for):
+                while True:
+                    try:
+                        self.ws = await self.resume()
+                        break
+                    except (Dropped, RpcError) as exc:
+                        why = str(exc)
+                    except ClientExit as exc:
+                        if exc.status != EXIT_CONNECTION:  # the token refused: no use trying again
+                            raise
+                        why = str(exc)
+                    await asyncio.sleep(pause * random.uniform(0.5, 1.0))
+                    pause = min(2 * pause, RECONNECT_MAX_S)
+        except TimeoutError:
+            raise ClientExit(f"lost the connection to the gateway and could not resume within {self.reconnect_for:g} s (--reconnect-for): {why}", EXIT_CONNECTION) from None
+        self.screen.say(f"[resumed after {time.monotonic() - started:.1f} s]")
+
+    async def resume(self) -> aiohttp.ClientWebSocketResponse:
+        """One try: a new socket, and `resume` sent and answered on it. -32003 (the session no
+        longer keeps what came after last_seq): resume from the oldest seq kept, saying output
+        was lost. -32002 (the gateway has no such session): the new socket is kept for a new
+        conversation, and SessionLost is raised. With no session yet (a drop before the first
+        message was answered) there is nothing to resume: the new socket is announced as if it
+        resumed nothing, so a turn waiting for its answer sends its message again."""
+        assert self.reopen is not None
+        ws = await self.reopen()
+        try:
+            while self.session_id is not None:
+                await write_frame(ws, request(RESUME_ID, RESUME, {"session_id": self.session_id, "last_seq": self.last_seq}))
+                while True:
+                    text = await read_frame(ws)
+                    answer = parse_message(text)
+                    if answer.kind == "response" and answer.id == RESUME_ID:
+                        break
+                    self.pending.append(text)  # nothing comes before the answer; kept for receive() if it does
+                if answer.error is None:
+                    self.pending.append(text)
+                    return ws
+                code, data = answer.error.get("code"), answer.error.get("data")
+                if code == SEQ_TOO_OLD and isinstance(data, dict) and isinstance(data.get("oldest_seq"), int):
+                    self.screen.say(f"[some output was lost: the gateway keeps this conversation's output from seq {data['oldest_seq']} on]")
+                    self.last_seq = data["oldest_seq"] - 1
+                elif code == UNKNOWN_SESSION:
+                    lost = SessionLost(f"the gateway no longer has this conversation: {answer.error.get('message')}")
+                    self.ws, self.session_id, self.last_seq = ws, None, 0
+                    self.answers.clear()
+                    raise lost
+                else:
+                    raise Dropped(f"the gateway could not resume the session: {answer.error.get('message')}")
+            self.pending.append(result(RESUME_ID, {"session_id": None, "run_id": None, "last_seq": 0}))
+            return ws
+        except BaseException as exc:
+            if not isinstance(exc, SessionLost):
+                await ws.close()  # nothing of ours is on it yet
+            raise
+
+    async def close(self) -> None:
+        """Quit: close with 1000, which cancels a run still going (the user is leaving)."""
+        if self.ws is not None:
+            await self.ws.close()
+
+
+def cancel_frame(turn: TurnResult) -> str:
+    return notification(CANCEL, {"run_id": turn.run_id} if turn.run_id else {})
+
+
+async def send_cancel(conn: Connection, cancel: asyncio.Event, turn: TurnResult, screen: Screen) -> None:
     """Wait for the user's Ctrl-C, then ask the gateway to cancel the run (it ends with final)."""
     await cancel.wait()
     screen.say("[cancelling: the run ends with its final; Ctrl-C again to quit]")
-    await send(ws, notification(CANCEL, {"run_id": turn.run_id} if turn.run_id else {}))
+    await conn.send_now(cancel_frame(turn))  # lost in a drop, it is sent again after the resume
 
 
 async def run_turn(
-    ws: aiohttp.ClientWebSocketResponse,
+    conn: Connection | aiohttp.ClientWebSocketResponse,
     prompt: str,
     workspace: Workspace,
     out: TextIO = sys.stdout,
@@ -1272,36 +1503,43 @@ async def run_turn(
 ) -> TurnResult:
     """Send one user message and play its run to the end: tokens to `out` as they come, tool
     requests answered from `workspace` (each in its own task, so reading goes on), until the
-    run's one `final` or `error`. Setting `cancel` sends `cancel`. ClientExit if the socket goes.
+    run's one `final` or `error`. Setting `cancel` sends `cancel`. On a Connection the turn goes
+    on through drops; on a bare socket (as tests pass) a drop is ClientExit.
     """
+    if not isinstance(conn, Connection):
+        conn = Connection(conn)
     turn, screen = TurnResult(), Screen(out, note)
-    await send(ws, request(request_id, USER_MESSAGE, {"content": prompt}))
-    tasks: set[asyncio.Task[None]] = set()
-    if cancel is not None:
-        tasks.add(asyncio.create_task(send_cancel(ws, cancel, turn, screen)))
+    conn.screen = screen
+    user_message = request(request_id, USER_MESSAGE, {"content": prompt})
+    sent_on = await conn.send(user_message)
+    canceller = asyncio.create_task(send_cancel(conn, cancel, turn, screen)) if cancel is not None else None
     try:
         while not turn.status:
-            try:
-                message = parse_message(await receive(ws))
-            except RpcError as exc:  # the gateway sent something that is not JSON-RPC
-                await send(ws, exc.response())
-                continue
+            message = await conn.receive()
             if message.kind == "request" and message.method in TOOL_METHODS:
-                turn.tools.append(message.method)
-                task = asyncio.create_task(answer_tool(ws, message, workspace, screen))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                if await conn.answer(message.id, functools.partial(answer_tool, message, workspace, screen)):
+                    turn.tools.append(message.method)
+                else:
+                    screen.say(f"[tool] {describe(message.method, message.params)} -> asked again after the resume: not run twice")
             elif message.kind == "request":
                 expected = ", ".join(TOOL_METHODS)
-                await send(ws, error_response(message.id, METHOD_NOT_FOUND, f"Method not found: {message.method!r}; this IDE answers {expected}"))
+                await conn.send_now(error_response(message.id, METHOD_NOT_FOUND, f"Method not found: {message.method!r}; this IDE answers {expected}"))
             elif message.kind == "response" and message.id is None and message.error is not None:
                 screen.say(f"[gateway refused a frame: {message.error['message']}]")  # e.g. one too large
+            elif message.kind == "response" and message.id == RESUME_ID and isinstance(message.result, dict):
+                resumed = message.result  # {"session_id", "run_id", "last_seq"}: the gateway has the session back
+                if resumed.get("run_id") is None and (resumed.get("last_seq") or 0) <= conn.last_seq and conn.ws is not sent_on:
+                    sent_on = await conn.send(user_message)  # no run, nothing missed: the message, sent before, never became a run
+                turn.run_id = turn.run_id or resumed.get("run_id")
+                if cancel is not None and cancel.is_set():
+                    await conn.send_now(cancel_frame(turn))
             elif message.kind == "response" and message.id == request_id:
                 if message.error is not None:  # the user message was refused (e.g. a run in progress)
                     turn.status, turn.code, turn.content = ERROR, message.error["code"], message.error["message"]
                     screen.say(f"error [{turn.code}]: {turn.content}")
                 elif isinstance(message.result, dict):  # {"session_id", "run_id"}
                     turn.session_id, turn.run_id = message.result.get("session_id"), message.result.get("run_id")
+                    conn.session_id = turn.session_id or conn.session_id
             elif message.method == TOKEN:  # {"run_id", "seq", "text"}
                 turn.tokens.append(str(message.params.get("text", "")))
                 screen.text(turn.tokens[-1])
@@ -1317,9 +1555,10 @@ async def run_turn(
                 screen.say(f"error [{turn.code}]: {turn.content}" + (" (retryable)" if message.params.get("retryable") else ""))
             # any other notification or response is not for us; notifications are never answered
     finally:
-        for task in tasks:
-            task.cancel()  # the run is over: a question still on screen has no one to answer to
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if canceller is not None:
+            canceller.cancel()
+            await asyncio.gather(canceller, return_exceptions=True)
+        await conn.stop_tools()
     return turn
 
 
@@ -1381,38 +1620,42 @@ def ctrl_c_cancels(cancel: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(signal.SIGINT)
 
 
-async def read_prompt(ws: aiohttp.ClientWebSocketResponse, terminal: Terminal) -> str:
-    """The next line typed at `> `, reading the socket meanwhile; EOFError on Ctrl-D."""
+async def read_prompt(conn: Connection, terminal: Terminal) -> str:
+    """The next line typed at `> `, reading the socket meanwhile (a drop is resumed at once);
+    EOFError on Ctrl-D."""
     line = asyncio.ensure_future(terminal.ask("> "))
     try:
         while True:
-            frame = asyncio.ensure_future(receive(ws))
+            frame = asyncio.ensure_future(conn.receive())
             await asyncio.wait({line, frame}, return_when=asyncio.FIRST_COMPLETED)
             if line.done():
                 frame.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await frame
                 return line.result()
-            frame.result()  # ClientExit if the gateway went away; a stray frame between turns is dropped
+            frame.result()  # ClientExit if the gateway is gone for good; a stray frame between turns is dropped
     finally:
         line.cancel()
 
 
-async def prompt_loop(ws: aiohttp.ClientWebSocketResponse, workspace: Workspace, terminal: Terminal) -> int:
-    """One conversation: each line is a turn on the same socket, until Ctrl-D."""
+async def prompt_loop(conn: Connection, workspace: Workspace, terminal: Terminal) -> int:
+    """One conversation, each line a turn, until Ctrl-D; it carries on across reconnects. If the
+    gateway has lost it, the user is told and the next line starts a new one."""
     turns = 0
     while True:
         try:
-            prompt = await read_prompt(ws, terminal)
+            prompt = await read_prompt(conn, terminal)
+            if not prompt.strip():
+                continue
+            turns += 1
+            cancel = asyncio.Event()
+            with ctrl_c_cancels(cancel):
+                await run_turn(conn, prompt, workspace, cancel=cancel, request_id=turns)
         except EOFError:
             sys.stderr.write("\n")
             return EXIT_OK
-        if not prompt.strip():
-            continue
-        turns += 1
-        cancel = asyncio.Event()
-        with ctrl_c_cancels(cancel):
-            await run_turn(ws, prompt, workspace, cancel=cancel, request_id=turns)
+        except SessionLost as exc:
+            conn.screen.say(f"[{exc}; your next message starts a new conversation]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1444,7 +1687,7 @@ def find_token(gateway: str, given: str | None) -> str:
 
 async def connect(http: aiohttp.ClientSession, gateway: str, token: str) -> aiohttp.ClientWebSocketResponse:
     try:
-        return await http.ws_connect(gateway, headers={"Authorization": f"Bearer {token}"}, max_msg_size=MAX_FRAME_BYTES)
+        return await http.ws_connect(gateway, headers={"Authorization": f"Bearer {token}"}, max_msg_size=MAX_FRAME_BYTES, heartbeat=HEARTBEAT_S)
     except aiohttp.WSServerHandshakeError as exc:
         if exc.status in (401, 403):
             raise ClientExit(f"the gateway refused the token (HTTP {exc.status})", EXIT_USAGE) from None
@@ -1462,14 +1705,18 @@ async def run(args: argparse.Namespace) -> int:
     workspace = Workspace(root, ask=terminal.ask, policy=YES if args.yes else NO if args.no else ASK)
     timeout = aiohttp.ClientTimeout(total=None, connect=CONNECT_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as http:
-        async with await connect(http, args.gateway, token) as ws:
+        reopen = functools.partial(connect, http, args.gateway, token)
+        conn = Connection(await reopen(), reopen, args.reconnect_for)  # the first connect is not retried: say at once
+        try:
             if args.prompt:
                 cancel = asyncio.Event()
                 with ctrl_c_cancels(cancel):
-                    turn = await run_turn(ws, " ".join(args.prompt), workspace, cancel=cancel)
+                    turn = await run_turn(conn, " ".join(args.prompt), workspace, cancel=cancel)
                 return turn.exit_code
             sys.stderr.write(f"workspace {workspace.root}; one line per turn, Ctrl-C cancels a turn, Ctrl-D quits\n")
-            return await prompt_loop(ws, workspace, terminal)
+            return await prompt_loop(conn, workspace, terminal)
+        finally:
+            await conn.close()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1485,6 +1732,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     answers = parser.add_mutually_exclusive_group()
     answers.add_argument("--yes", action="store_true", help="accept every patch hunk and answer every question with its first option, without asking")
     answers.add_argument("--no", action="store_true", help="reject every patch hunk and decline every question, without asking")
+    parser.add_argument("--reconnect-for", type=float, default=RECONNECT_FOR_S, metavar="SECONDS", help=f"after a dropped connection, how long to keep trying to resume it (default {RECONNECT_FOR_S:g}; 0: never)")
     parser.add_argument("prompt", nargs="*", metavar="PROMPT", help="the message for one turn; omit it for a prompt loop")
     return parser.parse_args(argv)
 
