@@ -58,6 +58,7 @@ from starlette.routing import Route
 
 from protocol import (
     ALLOWED_HOSTS,
+    ATTACH_ID_HEADER,
     BODY_TIMEOUT_S,
     CANCEL_PATH,
     CANCELLED,
@@ -195,6 +196,14 @@ class UnknownSession(Exception):
     pass
 
 
+class Superseded(Exception):
+    """A newer stream holds the session: a stale socket's re-attach or message must not take it back."""
+
+
+class RunIdTaken(Exception):
+    """The run id names another run in progress."""
+
+
 class SeqOutOfRange(Exception):
     """Last-Event-ID older than the oldest kept event (410), or newer than the newest (400)."""
 
@@ -211,9 +220,10 @@ class Store(Protocol):
     """
 
     # the run's owner
-    async def open_run(self, session_id: str, run_id: str) -> Lease:
-        """Create the session if new, take it for this run (SessionBusy if a run holds it),
-        and trim its log to the previous run's start."""
+    async def open_run(self, session_id: str, run_id: str, holder: str = "") -> Lease:
+        """Create the session if new, take it for this run (SessionBusy if a run holds it;
+        RunIdTaken; Superseded if `holder`, the asking socket's attach id, is no longer the
+        session's newest), and trim its log to the previous run's start."""
     async def renew(self, lease: Lease) -> None: ...
     async def append(self, lease: Lease, kind: str, data: dict[str, Any]) -> int:
         """Log one event; a notification gets the next seq. A tool_call waits until answered or
@@ -228,9 +238,10 @@ class Store(Protocol):
     async def answer(self, run_id: str, call_id: str, outcome: dict[str, Any]) -> str:
         """Hand a tool answer to the run: "ok", or why not: "no run", "no call", "answered", "timed out"."""
     async def cancel(self, run_id: str) -> bool: ...
-    async def attach(self, session_id: str, last_seq: int, attach_id: str) -> Attachment:
-        """Put an attach marker in the log (a newer stream supersedes older ones) and say where
-        to read from. UnknownSession, SeqOutOfRange."""
+    async def attach(self, session_id: str, last_seq: int, attach_id: str, previous: str = "") -> Attachment:
+        """Put an attach marker in the log (a newer stream supersedes older ones), make
+        attach_id the session's holder, and say where to read from. UnknownSession,
+        SeqOutOfRange; Superseded when `previous` (a re-attach's old id) is no longer the holder."""
     async def read(self, session_id: str, after: Pos, timeout_s: float) -> list[Entry]:
         """The entries after `after`, waiting up to timeout_s for one. UnknownSession."""
     async def keep_attached(self, session_id: str, attach_id: str) -> None: ...
@@ -259,6 +270,7 @@ class MemorySession:
     closed: dict[str, str] = field(default_factory=dict)  # call id -> "answered" | "timed out"
     inbox: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
     readers: set[str] = field(default_factory=set)
+    holder: str = ""  # the newest attach id: the stream (and socket) the session belongs to
     unattached_since: float = field(default_factory=time.monotonic)
     active_at: float = field(default_factory=time.monotonic)
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, on every append
@@ -288,13 +300,17 @@ class MemoryStore:
         changed, session.changed = session.changed, asyncio.Event()
         changed.set()
 
-    async def open_run(self, session_id: str, run_id: str) -> Lease:
+    async def open_run(self, session_id: str, run_id: str, holder: str = "") -> Lease:
+        if run_id in self.runs:
+            raise RunIdTaken(run_id)
         session = self.sessions.get(session_id)
         if session is None:
             await self.sweep()
             if len(self.sessions) >= MAX_SESSIONS:
                 raise StoreUnavailable(f"{MAX_SESSIONS} sessions are in use and none is idle (AGENT_MAX_SESSIONS).")
             session = self.sessions[session_id] = MemorySession()
+        if holder and session.holder and holder != session.holder:
+            raise Superseded(session_id)
         if session.run_id is not None:
             raise SessionBusy(session.run_id)
         keep = bisect.bisect_right(session.log, session.run_start, key=lambda entry: entry.pos)
@@ -365,16 +381,19 @@ class MemoryStore:
         session.inbox.put_nowait({"cancel": True})
         return True
 
-    async def attach(self, session_id: str, last_seq: int, attach_id: str) -> Attachment:
+    async def attach(self, session_id: str, last_seq: int, attach_id: str, previous: str = "") -> Attachment:
         session = self.sessions.get(session_id)
         if session is None:
             raise UnknownSession(session_id)
+        if previous and previous != session.holder:
+            raise Superseded(session_id)
         first = session.log[0].pos if session.log else (session.seq + 1, 0)
         oldest_seq = first[0] if first[1] == 0 else first[0] + 1  # a (seq, n > 0) entry follows seq
         if last_seq < oldest_seq - 1 or last_seq > session.seq:
             raise SeqOutOfRange(last_seq < oldest_seq - 1, oldest_seq, session.seq)
         self._add(session, ATTACH, dumps({"attach_id": attach_id}))
         session.readers.add(attach_id)
+        session.holder = attach_id
         pending = list(session.pending.values()) if session.run_id else []
         return Attachment(session_id, attach_id, (last_seq, 0), session.run_id, session.seq, pending)
 
@@ -433,6 +452,10 @@ class MemoryStore:
 # ---------------------------------------------------------------------------------------------
 
 
+STOP_LEASE = "lease lost"  # run.stopping: another owner may hold the session; write nothing more
+STOP_STORE = "store unavailable"  # run.stopping: the store failed under a watcher
+
+
 class RunEnded(Exception):
     """Ends a run with an `error` event; `code` is one of protocol's ERR_* words."""
 
@@ -452,7 +475,8 @@ class Run:
     asked_at: dict[str, float] = field(default_factory=dict)  # call id -> time.monotonic() of its tool_call
     usage: dict[str, int] = field(default_factory=dict)
     logged: int = 0  # bytes this run has logged, against MAX_RUN_BYTES
-    stopping: str = ""  # why the run is being cancelled, once it is
+    stopping: str = ""  # why the run is being stopped, once it is: a STOP_* word or the cancel's reason
+    call_ids: set[str] = field(default_factory=set)  # every tool-call id this run has used
 
     @property
     def id(self) -> str:
@@ -549,10 +573,10 @@ async def live(agent: Agent, run: Run) -> None:
             await watcher()
         except LeaseLost:
             log.warning("run %s: lost its lease; it stops and writes nothing more", run.id)
-            stop("lease lost")
+            stop(STOP_LEASE)
         except StoreUnavailable as exc:
             log.warning("run %s: store unavailable: %s", run.id, exc)
-            stop("store unavailable")
+            stop(STOP_STORE)
 
     watchers = [asyncio.create_task(watch(w)) for w in (inbox, lease, grace)]
     try:
@@ -587,8 +611,13 @@ async def run_turn(agent: Agent, run: Run) -> None:
     except RunEnded as exc:
         end = ERROR, {"run_id": run.id, "code": exc.code, "message": exc.message, "retryable": exc.retryable}
     except asyncio.CancelledError:
-        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # handled: the final below must not be cut short
-        end = FINAL, {"run_id": run.id, "status": CANCELLED, "content": "", **usage_field(run)}
+        asyncio.current_task().uncancel()  # type: ignore[union-attr]  # handled: the ending below must not be cut short
+        if run.stopping == STOP_STORE:  # not a cancel: say what happened, if the store takes it
+            end = ERROR, {"run_id": run.id, "code": ERR_STORE, "message": "The session store became unavailable during the run.", "retryable": True}
+        elif run.stopping == STOP_LEASE:
+            end = ERROR, {}  # not ours to end any more
+        else:
+            end = FINAL, {"run_id": run.id, "status": CANCELLED, "content": "", **usage_field(run)}
     except StoreUnavailable as exc:
         end = ERROR, {"run_id": run.id, "code": ERR_STORE, "message": f"The session store is unavailable: {exc}", "retryable": True}
     except LeaseLost:
@@ -615,7 +644,8 @@ async def step(agent: Agent, run: Run, messages: Messages) -> str | None:
     if not reply.tool_calls:
         done = [reply.as_message()]
     else:  # appended together, so history never holds a tool call without its result
-        done = [reply.as_message(), *await run_tools(agent, run, reply.tool_calls)]
+        results = await run_tools(agent, run, reply.tool_calls)  # first: it may give a call a new id
+        done = [reply.as_message(), *results]
     await agent.store.append_history(run.lease, done)
     messages.extend(done)
     return None if reply.tool_calls else reply.text
@@ -732,8 +762,9 @@ async def run_tools(agent: Agent, run: Run, tool_calls: list[ToolCallSpec]) -> M
     """Send each call to the IDE, wait for all of them, return one tool message per call."""
     outcomes: dict[str, dict[str, Any]] = {}
     for call in tool_calls:
-        if not (isinstance(call.id, str) and ID_PATTERN.fullmatch(call.id)):  # a number, a megabyte, a key with spaces
-            call.id = "call_" + secrets.token_hex(12)  # ours from here on, in the history too
+        if not (isinstance(call.id, str) and ID_PATTERN.fullmatch(call.id)) or call.id in run.call_ids:
+            call.id = "call_" + secrets.token_hex(12)  # a number, a megabyte, a reused id: ours from here on, in the history too
+        run.call_ids.add(call.id)
         method = OPENAI_TO_METHOD.get(call.name)
         try:
             arguments = json.loads(call.arguments or "{}")
@@ -794,7 +825,7 @@ async def session_stream(agent: Agent, attachment: Attachment) -> AsyncGenerator
     waiting, with their original ids. After it: everything, live, until the run's final or
     error, or a newer stream's marker (then `superseded`, and the gateway closes its socket).
     Replay and live tail are one read, so nothing falls between them. Closing this stream is a
-    detach, never a cancel: the run goes on, and the grace watcher decides.
+    detach (stream_response's on_close), never a cancel: the run goes on, and the grace watcher decides.
     """
     store, session_id = agent.store, attachment.session_id
     after, live, quiet_since, kept_at = attachment.start, False, time.monotonic(), time.monotonic()
@@ -834,12 +865,10 @@ async def session_stream(agent: Agent, attachment: Attachment) -> AsyncGenerator
             if now - kept_at >= IDLE_TICK_S:
                 await store.keep_attached(session_id, attachment.attach_id)
                 kept_at = now
-    except (StoreUnavailable, UnknownSession) as exc:  # not in the log (it cannot be reached): no seq
-        message = f"The session store is unavailable: {exc}" if isinstance(exc, StoreUnavailable) else "The session expired."
-        yield log_event(ERROR, dumps({"run_id": attachment.run_id, "code": ERR_STORE, "message": message, "retryable": True}), None)
-    finally:
-        with contextlib.suppress(StoreUnavailable):
-            await store.detach(session_id, attachment.attach_id)
+    except (StoreUnavailable, UnknownSession) as exc:
+        # End the stream without an event: the gateway re-attaches (perhaps to a replica that
+        # can read the store), and only if that fails too reports an error of its own.
+        log.warning("session %s: stream ended: %s", session_id, exc or type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,11 +914,16 @@ async def start_run(request: Request) -> Response:
     run_id = body.get("run_id") or "run_" + secrets.token_hex(8)
     if not valid_id(run_id) or run_id in agent.runs:
         return problem(409, f"run_id {str(run_id)[:130]!r} is not a free id.")
+    holder = body.get("attach_id") or ""  # the asking socket's attach id, if it held the session before
     try:
-        lease = await agent.store.open_run(body["session_id"], run_id)
+        lease = await agent.store.open_run(body["session_id"], run_id, holder if isinstance(holder, str) else "")
         attachment = await agent.store.attach(lease.session_id, lease.seq, "att_" + secrets.token_hex(8))
     except SessionBusy as exc:
         return problem(409, f"Session {body['session_id']!r} already has a run in progress ({exc.run_id}); cancel it or wait for its final event.", run_id=exc.run_id)
+    except RunIdTaken:
+        return problem(409, f"run_id {run_id!r} is not a free id.")
+    except Superseded:
+        return problem(409, f"Session {body['session_id']!r} was resumed by a newer connection.", superseded=True)
     except StoreUnavailable as exc:
         return problem(503, f"The session store is unavailable: {exc}")
     open_run_task(agent, lease, body["content"])
@@ -904,8 +938,11 @@ async def session_events(request: Request) -> Response:
     raw = request.headers.get(LAST_EVENT_ID, "0").strip()
     if not raw.isdigit() or len(raw) > 18:
         return problem(400, f"{LAST_EVENT_ID} must be a seq: a whole number, got {raw[:40]!r}.")
+    previous = request.headers.get(ATTACH_ID_HEADER, "")  # a re-attach names the stream it replaces
     try:
-        attachment = await agent.store.attach(session_id, int(raw), "att_" + secrets.token_hex(8))
+        attachment = await agent.store.attach(session_id, int(raw), "att_" + secrets.token_hex(8), previous[:130])
+    except Superseded:
+        return problem(409, f"Session {session_id[:130]!r} was resumed by a newer connection.", superseded=True)
     except UnknownSession:
         return problem(404, f"No session {session_id[:130]!r}: it never existed or it expired (SESSION_TTL_S).")
     except SeqOutOfRange as exc:
@@ -918,8 +955,13 @@ async def session_events(request: Request) -> Response:
 
 
 def stream_response(agent: Agent, attachment: Attachment) -> Response:
-    headers = {RUN_ID_HEADER: attachment.run_id or "", LAST_SEQ_HEADER: str(attachment.last_seq)}
-    return EventStreamResponse(session_stream(agent, attachment), headers=headers)
+    headers = {RUN_ID_HEADER: attachment.run_id or "", LAST_SEQ_HEADER: str(attachment.last_seq), ATTACH_ID_HEADER: attachment.attach_id}
+
+    async def detach() -> None:  # however the response ends, started or not
+        with contextlib.suppress(StoreUnavailable):
+            await agent.store.detach(attachment.session_id, attachment.attach_id)
+
+    return EventStreamResponse(session_stream(agent, attachment), headers=headers, on_close=detach)
 
 
 async def post_tool_result(request: Request) -> Response:

@@ -50,6 +50,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from protocol import (
     ALLOWED_HOSTS,
+    ATTACH_ID_HEADER,
     CANCEL,
     CANCEL_PATH,
     CANCELLING,
@@ -57,6 +58,7 @@ from protocol import (
     ERR_AGENT_UNAVAILABLE,
     ERR_INTERNAL,
     ERR_SESSION_BUSY,
+    ERR_STORE,
     ERROR,
     EVENTS_PATH,
     INTERNAL_ERROR,
@@ -105,7 +107,8 @@ AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8001")  # the agent ru
 MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)))  # larger frames close the socket (1009)
 AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5"))  # reaching the agent
 AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
-REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row before the gateway reports it
+REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row without progress before the gateway reports it
+REATTACH_BACKOFF_S = 0.25  # wait before the second re-attach in a row (then twice that, ...)
 SESSION_BUSY_WAIT_S = 3.0  # a user_message waits this long for the session's previous run to finish ending
 AGENT_TOKEN = os.environ.get("AGENT_TOKEN", "")  # sent to the agent as Authorization: Bearer <it>, when set
 # Origins a browser IDE may connect from, comma-separated (https://ide.example); the gateway's own is always allowed
@@ -133,6 +136,10 @@ class AgentFailed(Exception):
 class StreamBroke(Exception):
     """The agent's stream ended before the run's final or error: re-attach, then report."""
 
+    def __init__(self, message: str, code: str = ERR_AGENT_STREAM) -> None:
+        super().__init__(message)
+        self.message, self.code = message, code
+
 
 class Superseded(Exception):
     """A newer socket resumed this session."""
@@ -156,6 +163,7 @@ class Link:
     http: aiohttp.ClientSession
     session_id: str | None = None  # set by the first user_message or a resume
     last_seq: int = 0  # the newest seq relayed to the IDE: where a re-attach starts
+    attach_id: str = ""  # the agent's id for this socket's newest stream: the session is ours while it is the holder
     relay: Relay | None = None
 
     async def handle(self, message: Message) -> None:
@@ -171,13 +179,17 @@ class Link:
         else:
             raise RpcError(METHOD_NOT_FOUND, f"Method not found: {message.method[:100]!r}; expected {USER_MESSAGE!r}, {CANCEL!r} or {RESUME!r}", message.id)
 
+    async def settle_replay(self) -> None:
+        """A resume's replay still draining (no run in progress): let its notifications come first."""
+        if self.relay is not None and self.relay.run_id is None and self.relay.task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.relay.task), AGENT_READ_TIMEOUT_S)
+
     async def user_message(self, message: Message) -> None:
         content = message.params.get("content")
         if not isinstance(content, str) or not content.strip():
             raise RpcError(INVALID_PARAMS, 'Invalid params: user_message needs {"content": non-empty string}', message.id)
-        if self.relay is not None and self.relay.run_id is None and self.relay.task is not None:
-            with contextlib.suppress(TimeoutError):  # a resume's replay, still draining: its notifications come first
-                await asyncio.wait_for(asyncio.shield(self.relay.task), AGENT_READ_TIMEOUT_S)
+        await self.settle_replay()
         if self.relay is not None:
             raise RpcError(RUN_IN_PROGRESS, f"Run {self.relay.run_id} is still in progress; send cancel or wait for its final.", message.id, {"run_id": self.relay.run_id})
         self.session_id = self.session_id or "ses_" + secrets.token_hex(16)  # 128 random bits: with the token, the key to resume
@@ -191,10 +203,11 @@ class Link:
         session_id, last_seq = message.params.get("session_id"), message.params.get("last_seq")
         if not (isinstance(session_id, str) and ID_PATTERN.fullmatch(session_id)) or not isinstance(last_seq, int) or isinstance(last_seq, bool) or last_seq < 0:
             raise RpcError(INVALID_PARAMS, 'Invalid params: resume needs {"session_id": str, "last_seq": int >= 0}', message.id)
+        await self.settle_replay()
         if self.relay is not None:
             raise RpcError(RUN_IN_PROGRESS, f"Run {self.relay.run_id} is still in progress on this socket.", message.id, {"run_id": self.relay.run_id})
         try:
-            response = await self.open_events(session_id, last_seq)
+            response = await self.open_events(session_id, last_seq)  # no `previous`: a takeover, if another socket holds it
         except AgentFailed as exc:
             raise RpcError(INTERNAL_ERROR, exc.message, message.id, {"retryable": exc.retryable}) from None
         except UnknownSessionError:
@@ -203,7 +216,11 @@ class Link:
             raise RpcError(SEQ_TOO_OLD, f"last_seq {last_seq} is older than what session {session_id!r} keeps.", message.id, {"oldest_seq": exc.oldest_seq}) from None
         run_id = response.headers.get(RUN_ID_HEADER) or None
         self.session_id, self.last_seq = session_id, last_seq
-        await self.ws.send_text(result(message.id, {"session_id": session_id, "run_id": run_id, "last_seq": int(response.headers.get(LAST_SEQ_HEADER, last_seq))}))
+        try:
+            await self.ws.send_text(result(message.id, {"session_id": session_id, "run_id": run_id, "last_seq": int(response.headers.get(LAST_SEQ_HEADER, last_seq))}))
+        except BaseException:
+            response.close()  # the IDE went away meanwhile: let the stream go now, not at garbage collection
+            raise
         self.relay = Relay(run_id)
         self.relay.task = asyncio.create_task(self.run_relay(self.relay, response=response))
 
@@ -211,8 +228,10 @@ class Link:
         """Relay one run to the IDE until its final or error; the relay's whole life.
 
         The stream comes from `POST /v1/runs` (content) or a resume (response). When it breaks
-        before the run's end, re-attach from the last seq relayed (any agent replica may answer);
-        only when that fails too does the IDE get an error of the gateway's own (no seq).
+        before the run's end, or cannot be re-opened, re-attach from the last seq relayed (any
+        agent replica may answer), up to REATTACH_TRIES times in a row without progress; only
+        then does the IDE get an error of the gateway's own (no seq), and the run is cancelled,
+        so that gateway and agent agree it is over.
         """
         assert self.session_id is not None
         failure: AgentFailed | None = None
@@ -221,16 +240,23 @@ class Link:
                 response = await self.open_run(relay, content or "")
             broken = 0
             while True:
+                relayed = self.last_seq
                 try:
+                    if response is None:
+                        response = await self.open_events(self.session_id, self.last_seq, previous=self.attach_id)
                     if await self.pump(relay, response):
                         return
                     raise StreamBroke("The agent's stream ended before the run's final or error.")
+                except AgentFailed as exc:  # the re-attach itself failed: one more break
+                    broke = StreamBroke(exc.message, exc.code if exc.code == ERR_STORE else ERR_AGENT_STREAM)
                 except StreamBroke as exc:
-                    broken += 1
-                    if broken > REATTACH_TRIES or relay.run_id is None:
-                        raise AgentFailed(str(exc), True, ERR_AGENT_STREAM) from None
-                    log.info("session %s: %s; re-attaching from seq %d", self.session_id, exc, self.last_seq)
-                    response = await self.open_events(self.session_id, self.last_seq)
+                    broke = exc
+                response = None
+                broken = 1 if self.last_seq > relayed else broken + 1  # progress since the last break resets the count
+                if broken > REATTACH_TRIES or relay.run_id is None:
+                    raise AgentFailed(broke.message, True, broke.code)
+                log.info("session %s: %s; re-attaching from seq %d", self.session_id, broke.message, self.last_seq)
+                await asyncio.sleep(REATTACH_BACKOFF_S * (broken - 1))
         except AgentFailed as exc:
             failure = exc
         except (UnknownSessionError, SeqTooOldError):
@@ -250,45 +276,54 @@ class Link:
                 self.relay = None
         if failure is not None and relay.run_id is not None:
             log.warning("session %s run %s: %s: %s", self.session_id, relay.run_id, failure.code, failure.message)
-            if failure.code == ERR_AGENT_STREAM:  # we stop following it: stop it, so both sides agree it is over
+            if failure.code in (ERR_AGENT_STREAM, ERR_STORE):  # we stop following it: stop it, so both sides agree it is over
                 await self.post_agent(CANCEL_PATH.format(run_id=relay.run_id), {})
             with contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError):  # the IDE may be gone too
                 await self.ws.send_text(notification(ERROR, {"run_id": relay.run_id, "code": failure.code, "message": failure.message, "retryable": failure.retryable}))
 
     async def open_run(self, relay: Relay, content: str) -> aiohttp.ClientResponse:
         body = {"session_id": self.session_id, "run_id": relay.run_id, "content": content}
+        if self.attach_id:  # this socket held the session: the agent refuses if another socket took it since
+            body["attach_id"] = self.attach_id
         deadline = asyncio.get_running_loop().time() + SESSION_BUSY_WAIT_S
         while True:
             response = await self.agent_stream("POST", RUNS_PATH, json=body)
-            if response.status != 409 or asyncio.get_running_loop().time() > deadline:
+            if response.status != 409:
                 break
-            # the session's previous run is still ending (a cancel on its way through the store): wait a little
-            await bounded_text(response)
-            await asyncio.sleep(0.05)
-        if response.status == 409:
             text = await bounded_text(response)
-            raise AgentFailed(f"This session's previous run is still going; cancel it or send the message again later. ({text})", True, ERR_SESSION_BUSY)
+            if '"superseded":true' in text:
+                raise Superseded()
+            if asyncio.get_running_loop().time() > deadline:
+                raise AgentFailed(f"This session's previous run is still going; cancel it or send the message again later. ({text})", True, ERR_SESSION_BUSY)
+            await asyncio.sleep(0.05)  # the session's previous run is still ending (a cancel on its way through the store)
         if response.status != 200:
             text = await bounded_text(response)
-            raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500)
+            raise AgentFailed(f"The agent refused the run: HTTP {response.status} {text}", response.status >= 500, ERR_STORE if response.status == 503 else ERR_AGENT_UNAVAILABLE)
+        self.attach_id = response.headers.get(ATTACH_ID_HEADER, "")
         if relay.cancel_sent and relay.run_id:  # the cancel may have reached the agent before the run did
             await self.post_agent(CANCEL_PATH.format(run_id=relay.run_id), {})
         return response
 
-    async def open_events(self, session_id: str, last_seq: int) -> aiohttp.ClientResponse:
-        response = await self.agent_stream("GET", EVENTS_PATH.format(session_id=session_id), headers={LAST_EVENT_ID: str(last_seq)})
+    async def open_events(self, session_id: str, last_seq: int, previous: str = "") -> aiohttp.ClientResponse:
+        """Attach to a session's events; `previous` names the stream a re-attach replaces (else: a takeover)."""
+        headers = {LAST_EVENT_ID: str(last_seq), **({ATTACH_ID_HEADER: previous} if previous else {})}
+        response = await self.agent_stream("GET", EVENTS_PATH.format(session_id=session_id), headers=headers)
         if response.status == 200:
+            self.attach_id = response.headers.get(ATTACH_ID_HEADER, "")
             return response
         body = await bounded_text(response)
         if response.status == 404:
             raise UnknownSessionError()
+        if response.status == 409 and '"superseded":true' in body:
+            raise Superseded()
         if response.status == 410:
             try:
                 oldest = json.loads(body)["error"]["oldest_seq"]
             except (ValueError, KeyError, TypeError):
                 oldest = None
             raise SeqTooOldError(oldest)
-        raise AgentFailed(f"The agent refused to re-attach: HTTP {response.status} {body}", response.status >= 500)
+        code = ERR_STORE if response.status == 503 else ERR_AGENT_UNAVAILABLE
+        raise AgentFailed(f"The agent refused to re-attach: HTTP {response.status} {body}", response.status >= 500, code)
 
     async def agent_stream(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """Open a stream on the agent; its transport errors become AgentFailed or StreamBroke."""

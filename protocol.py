@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -72,6 +72,7 @@ EVENTS_PATH = "/v1/sessions/{session_id}/events"  # GET with Last-Event-ID: repl
 LAST_EVENT_ID = "Last-Event-ID"
 RUN_ID_HEADER = "X-Run-Id"  # on an events stream: the run in progress, or empty
 LAST_SEQ_HEADER = "X-Last-Seq"  # on an events stream: the newest seq the session has
+ATTACH_ID_HEADER = "X-Attach-Id"  # on an events stream: this stream's attach id; on a re-attach: the one it replaces
 CANCELLING = "cancelling"  # the cancel endpoint's status: the final follows on the stream
 
 # agent -> llm_proxy -> upstream: OpenAI's paths, under a base URL that ends in /v1
@@ -496,15 +497,19 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None) -> None:
+    def __init__(self, content: AsyncGenerator[bytes, None], headers: dict[str, str] | None = None,
+                 on_close: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(content, headers={**SSE_HEADERS, **(headers or {})})
         self._generator = content
+        self._on_close = on_close  # runs even if the generator never started (a client gone before the first byte)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             await self._generator.aclose()
+            if self._on_close is not None:
+                await self._on_close()
 
 
 # ---------------------------------------------------------------------------------------------

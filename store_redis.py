@@ -12,7 +12,8 @@ Keys (P = REDIS_PREFIX; <sid> a session id, <rid> a run id; ids are [A-Za-z0-9_-
 
     P session:<sid>           hash    seq (newest notification's), run_id (the run in progress;
                                       absent when none), run_start (the log id the newest run's
-                                      events come after), unattached_ms (when the last stream left)
+                                      events come after), unattached_ms (when the last stream left),
+                                      holder (the newest attach id: the socket the session belongs to)
     P session:<sid>:log       stream  the event log. Entry ids ARE positions: a notification
                                       with seq N is "N-0"; a tool_call or an attach marker after
                                       it is "N-1", "N-2", ... Fields: kind, data (compact JSON).
@@ -73,9 +74,11 @@ from agent import (
     LeaseLost,
     Messages,
     Pos,
+    RunIdTaken,
     SeqOutOfRange,
     SessionBusy,
     StoreUnavailable,
+    Superseded,
     UnknownSession,
 )
 from protocol import ERR_AGENT_LOST, ERROR, FINAL, NOTIFICATIONS, TOOL_CALL, dumps
@@ -130,8 +133,15 @@ end
 # lease is gone (its owner died) is ended with agent_lost first. Then: take the lease, record
 # the run, and drop the log up to the previous run's start (retention: that run and this one;
 # a run's start is the last entry before its own events).
-# ARGV: 1 run id, 2 session id, 3 token, 4 lease ms, 5 ttl s, 6 error kind, 7 lost code, 8 lost message (JSON)
+# A run id in use by another session -> {"taken"}; a socket whose attach id is no longer the
+# session's holder -> {"superseded"} (a newer socket resumed the session).
+# ARGV: 1 run id, 2 session id, 3 token, 4 lease ms, 5 ttl s, 6 error kind, 7 lost code, 8 lost message (JSON),
+#       9 the asking socket's attach id, or ''
 OPEN_RUN = """
+local other = redis.call('GET', KEYS[8])
+if other and other ~= ARGV[2] then return {'taken'} end
+local holder = redis.call('HGET', KEYS[1], 'holder')
+if ARGV[9] ~= '' and holder and holder ~= ARGV[9] then return {'superseded'} end
 local running = redis.call('HGET', KEYS[1], 'run_id')
 if running then
   if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', running} end
@@ -231,10 +241,13 @@ return 1
 
 # attach: at one instant, check Last-Event-ID against what the log keeps, put our attach
 # marker in the log, register the stream as a reader, and list the calls still waiting.
-# Returns {'unknown'}, {'range', oldest seq, seq}, or {'ok', run id or '', seq, {log id, data, ...}}.
-# ARGV: 1 last seq, 2 attach kind, 3 marker data, 4 attach id, 5 reader ttl ms, 6 ttl s
+# The new attach id becomes the session's holder; a re-attach whose old id is no longer the
+# holder gets {'superseded'}: a newer socket took the session meanwhile.
+# Returns {'unknown'}, {'superseded'}, {'range', oldest seq, seq}, or {'ok', run id or '', seq, {log id, data, ...}}.
+# ARGV: 1 last seq, 2 attach kind, 3 marker data, 4 attach id, 5 reader ttl ms, 6 ttl s, 7 previous attach id or ''
 ATTACH_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'unknown'} end
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'holder') ~= ARGV[7] then return {'superseded'} end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
 local oldest = seq + 1
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
@@ -245,6 +258,7 @@ end
 local last_seq = tonumber(ARGV[1])
 if last_seq < oldest - 1 or last_seq > seq then return {'range', oldest, seq} end
 redis.call('XADD', KEYS[2], seq .. '-*', 'kind', ARGV[2], 'data', ARGV[3])
+redis.call('HSET', KEYS[1], 'holder', ARGV[4])
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)  -- gone quiet; this stream's arrival outdates them
 redis.call('ZADD', KEYS[5], now + tonumber(ARGV[5]), ARGV[4])
@@ -383,13 +397,17 @@ class RedisStore:
 
     # the run's owner
 
-    async def open_run(self, session_id: str, run_id: str) -> Lease:
+    async def open_run(self, session_id: str, run_id: str, holder: str = "") -> Lease:
         token = secrets.token_hex(16)
-        args = [run_id, session_id, token, self.lease_ms, self.ttl_s, ERROR, ERR_AGENT_LOST, dumps(LOST_MESSAGE)]
+        args = [run_id, session_id, token, self.lease_ms, self.ttl_s, ERROR, ERR_AGENT_LOST, dumps(LOST_MESSAGE), holder]
         with redis_errors():
             reply = await self.open_run_script(keys=self.keys(session_id, run_id), args=args)
         if reply[0] == "busy":
             raise SessionBusy(reply[1])
+        if reply[0] == "taken":
+            raise RunIdTaken(run_id)
+        if reply[0] == "superseded":
+            raise Superseded(session_id)
         return Lease(session_id, run_id, token, reply[1])
 
     async def renew(self, lease: Lease) -> None:
@@ -472,12 +490,14 @@ class RedisStore:
             found = await self.cancel_script(keys=self.keys(session_id, run_id), args=[run_id, dumps({"cancel": True}), self.ttl_s])
         return found == 1
 
-    async def attach(self, session_id: str, last_seq: int, attach_id: str) -> Attachment:
-        args = [last_seq, ATTACH, dumps({"attach_id": attach_id}), attach_id, self.reader_ttl_ms, self.ttl_s]
+    async def attach(self, session_id: str, last_seq: int, attach_id: str, previous: str = "") -> Attachment:
+        args = [last_seq, ATTACH, dumps({"attach_id": attach_id}), attach_id, self.reader_ttl_ms, self.ttl_s, previous]
         with redis_errors():
             reply = await self.attach_script(keys=self.keys(session_id), args=args)
         if reply[0] == "unknown":
             raise UnknownSession(session_id)
+        if reply[0] == "superseded":
+            raise Superseded(session_id)
         if reply[0] == "range":
             oldest_seq, seq = reply[1], reply[2]
             raise SeqOutOfRange(last_seq < oldest_seq - 1, oldest_seq, seq)

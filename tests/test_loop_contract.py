@@ -266,3 +266,34 @@ async def test_interleaved_fragments_of_two_parallel_calls_are_assembled_by_inde
 
     assert asked == {"call_a": ("read_file", {"path": "a.txt"}), "call_b": ("read_file", {"path": "b.txt"})}, frames
     assert final_of(frames)["content"] == "Read both."
+
+
+@pytest.mark.parametrize("call_id", [12345, "call_same"], ids=["a-json-number", "reused-in-the-next-step"])
+async def test_odd_tool_call_ids_never_stall_the_turn(make_stack: Callable[..., Stack], upstream: Upstream, call_id: Any) -> None:
+    """A tool-call id the IDE could never answer by (a JSON number), or one the run already used in an
+    earlier step, is replaced by the agent's own at once: each call is asked and answered, no TOOL_TIMEOUT_S wait."""
+
+    def calling(path: str) -> ScriptedCompletion:
+        return ScriptedCompletion([
+            [opening(), delta(tool_calls=[{"index": 0, "id": call_id, "type": "function", "function": {"name": "read_file", "arguments": json.dumps({"path": path})}}])],
+            [delta(finish="tool_calls")],
+        ])
+
+    upstream.replies = [calling("one.txt"), calling("two.txt"), text_reply("Both read.")]
+    stack = await asyncio.to_thread(make_stack, {"OPENAI_BASE_URL": upstream.base_url, "TOOL_TIMEOUT_S": "60"}, SERVICES)
+    asked: list[tuple[str, str]] = []
+
+    async def answer(frame: dict[str, Any]) -> dict[str, Any]:
+        asked.append((frame["id"], frame["params"]["path"]))
+        return {"jsonrpc": "2.0", "id": frame["id"], "result": read_file_result(frame["params"]["path"], "x\n")}
+
+    async with aiohttp.ClientSession() as http, await connect(http, stack) as ws:
+        await ws.send_json(user_message("Read both"))
+        frames = await collect_turn(ws, answer, TURN_TIMEOUT_S)  # a stall would take TOOL_TIMEOUT_S (60 s)
+
+    assert final_of(frames)["content"] == "Both read."
+    assert [path for _, path in asked] == ["one.txt", "two.txt"]
+    assert all(isinstance(i, str) for i, _ in asked) and len({i for i, _ in asked}) == 2, asked
+    history = upstream.requests[2]["messages"]  # each tool message answers its own call, by the id the history holds
+    calls = [c["id"] for m in history if m["role"] == "assistant" for c in m.get("tool_calls", [])]
+    assert [m["tool_call_id"] for m in history if m["role"] == "tool"] == calls and len(set(calls)) == 2, history

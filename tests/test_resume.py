@@ -243,6 +243,29 @@ async def test_takeover_closes_the_older_socket_with_4409(stack: Stack) -> None:
         assert await wait_runs(http, stack, 0, OUTCOME_S) >= 0  # the takeover did not cancel the run: it completed
 
 
+async def test_an_idle_socket_taken_over_is_closed_4409_at_its_next_message(stack: Stack) -> None:
+    """A resumes nothing after its turn; C resumes the session on the other gateway. A's next
+    user_message must not take it back: A is closed with 4409, and C goes on with the conversation."""
+    async with aiohttp.ClientSession() as http:
+        older = await connect(http, stack)
+        started = await start_turn(older, "[scenario:chat] first")
+        first = await read_until(older, is_end, [])
+        newer = await connect(http, stack, "gateway2")
+        reply = await resume(newer, started["session_id"], first["params"]["seq"])
+        assert reply["result"]["run_id"] is None, reply
+        await send(older, user_message("[scenario:chat] from the older socket", id=2))
+        msg = await older.receive(timeout=OUTCOME_S)
+        while msg.type == aiohttp.WSMsgType.TEXT:  # its result comes first; then the gateway learns it was superseded
+            assert "error" not in json.loads(msg.data) or json.loads(msg.data)["error"]["code"] != -32603, msg.data
+            msg = await older.receive(timeout=OUTCOME_S)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and older.close_code == 4409, (msg, older.close_code)
+        await start_turn(newer, "[scenario:chat] from the newer socket", id=3)
+        end = await read_until(newer, is_end, [])
+        assert end["params"]["status"] == "completed", end
+        assert "from the older socket" not in end["params"]["content"], "the superseded socket's message ran"
+        assert "first" in end["params"]["content"], "the conversation goes on"
+
+
 async def test_unknown_session_is_32002_and_the_socket_still_serves(stack: Stack) -> None:
     async with aiohttp.ClientSession() as http:
         ws = await connect(http, stack)

@@ -27,10 +27,12 @@ from agent import (
     Lease,
     LeaseLost,
     MemoryStore,
+    RunIdTaken,
     SeqOutOfRange,
     SessionBusy,
     Store,
     StoreUnavailable,
+    Superseded,
     UnknownSession,
 )
 from protocol import ERR_AGENT_LOST, ERROR, FINAL, TOKEN, TOOL_CALL, dumps
@@ -266,6 +268,34 @@ async def test_a_newer_attach_marker_reaches_the_first_reader(store: Store) -> N
     await store.attach("s1", 0, "second")
     more = await store.read("s1", entries[-1].pos, 1)
     assert [(e.kind, json.loads(e.data)) for e in more] == [(ATTACH, {"attach_id": "second"})]
+
+
+async def test_a_stale_reattach_cannot_take_the_session_back(store: Store) -> None:
+    """A re-attach naming a stream that is no longer the session's holder is Superseded, and writes nothing."""
+    lease = await start(store)
+    await store.append(lease, TOKEN, token(lease, "a"))
+    await store.attach("s1", 1, "att_newer")  # another socket resumed: it holds the session now
+    with pytest.raises(Superseded):
+        await store.attach("s1", 1, "att_stale", previous="att_r1")
+    again = await store.attach("s1", 1, "att_newest", previous="att_newer")  # the holder's own re-attach works
+    entries = await store.read("s1", again.start, 0)
+    assert [json.loads(e.data)["attach_id"] for e in entries if e.kind == ATTACH] == ["att_newer", "att_newest"]
+
+
+async def test_a_superseded_socket_cannot_open_a_run(store: Store) -> None:
+    """open_run from a socket whose attach id is no longer the holder is Superseded; the holder's works."""
+    lease = await start(store)
+    await store.append(lease, FINAL, {"run_id": "r1", "status": "completed", "content": ""})
+    await store.attach("s1", 0, "att_newer")
+    with pytest.raises(Superseded):
+        await store.open_run("s1", "r2", holder="att_r1")
+    assert (await store.open_run("s1", "r3", holder="att_newer")).run_id == "r3"
+
+
+async def test_a_run_id_in_use_by_another_session_is_taken(store: Store) -> None:
+    await start(store, "s1", "r1")
+    with pytest.raises(RunIdTaken):
+        await store.open_run("s2", "r1")
 
 
 async def test_read_blocks_until_an_append(store: Store) -> None:
