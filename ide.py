@@ -118,7 +118,7 @@ HEARTBEAT_S = 20.0  # ping the gateway this often; no pong within half of it is 
 RECONNECT_FOR_S = 30.0  # after a drop, how long to keep trying to resume (--reconnect-for; the agent's RESUME_GRACE_S default)
 RECONNECT_FIRST_S = 0.1  # the first pause between tries; doubled after each, jittered
 RECONNECT_MAX_S = 2.0  # the longest pause between tries
-ANSWERS_KEPT = 256  # tool answers kept (the newest), for a request the gateway sends again after a resume
+ANSWERS_KEPT = 256  # a run's tool answers kept (the newest), for a request the gateway sends again after a resume
 RESUME_ID = "resume"  # the id of ide.py's resume requests; a user message's id is a number
 MAX_FRAME_BYTES = 16 * 1024 * 1024  # largest frame taken from the gateway (a big diff to apply)
 NEW_FILE_MODE = 0o644  # permissions of a file the tools create; an overwrite keeps the old ones
@@ -1307,9 +1307,9 @@ class Connection:
 
       - session_id, and last_seq, the newest seq received: a notification at or below it is
         never passed on again, so no text is shown twice;
-      - answers, the response sent to each tool-call id: the gateway sends a request still
-        waiting again after a resume, and it is answered from here, never run twice (a patch
-        applied once, a hunk never asked about again);
+      - answers, the response sent to each tool-call id of the run in progress: the gateway
+        sends a request still waiting again after a resume, and it is answered from here,
+        never run twice (a patch applied once, a hunk never asked about again);
       - running, the tools still at work: a review the user is answering goes on through a drop,
         and its answer goes out on whichever socket is up when it is done.
 
@@ -1389,13 +1389,15 @@ class Connection:
             self.answers.popitem(last=False)
         await self.send_now(frame)
 
-    async def stop_tools(self) -> None:
-        """The run is over: a question still on screen has no one to answer to."""
+    async def end_run(self) -> None:
+        """The run is over: a question still on screen has no one to answer to, and none of its
+        requests can come again (a resume sends only those of the run in progress)."""
         tasks = list(self.running.values())
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.running.clear()
+        self.answers.clear()
 
     def down(self, ws: aiohttp.ClientWebSocketResponse, why: Exception) -> None:
         """`ws` dropped: said once, however many times a reconnect is interrupted and begun again."""
@@ -1464,7 +1466,6 @@ class Connection:
                 elif code == UNKNOWN_SESSION:
                     lost = SessionLost(f"the gateway no longer has this conversation: {answer.error.get('message')}")
                     self.ws, self.session_id, self.last_seq = ws, None, 0
-                    self.answers.clear()
                     raise lost
                 else:
                     raise Dropped(f"the gateway could not resume the session: {answer.error.get('message')}")
@@ -1558,7 +1559,7 @@ async def run_turn(
         if canceller is not None:
             canceller.cancel()
             await asyncio.gather(canceller, return_exceptions=True)
-        await conn.stop_tools()
+        await conn.end_run()
     return turn
 
 
