@@ -15,12 +15,11 @@ loop (`> `), one conversation: Ctrl-C during a turn cancels the run, Ctrl-D quit
 (prompts, hunks, one line per tool run) to stderr, so stdout can be piped.
 
 A dropped connection is not the end of a turn (CONTRACT v2, "Sessions and resume"): ide.py says
-"connection lost, resuming…", reconnects with backoff for --reconnect-for seconds, sends
-`resume` with the last seq it saw, and goes on ("resumed"): nothing shown twice, each tool-call
-id run at most once (a request sent again is answered from what was done), a review the user is
-answering carried through. A conversation the gateway no longer has ends a one-turn run with 1;
-the prompt loop says so and starts a new one. Another connection taking the session over (4409)
-stops this one (exit 1): it does not take it back.
+"connection lost, resuming…", reconnects with backoff for --reconnect-for seconds, resumes from
+the last seq it saw ("resumed") and goes on: nothing shown twice, each tool-call id run at most
+once, a review the user is answering carried through. A conversation the gateway has lost ends
+a one-turn run with 1 (the prompt loop starts a new one); a takeover by another connection
+(4409) stops it with 1, without taking the session back.
 
 The file reads top down: the six tools (Workspace, plain methods testable without a network),
 then the client (Connection, the socket kept up across drops; run_turn, one user message to its
@@ -1181,9 +1180,6 @@ class SessionLost(ClientExit):
     """The gateway no longer has the conversation (resume answered -32002): the prompt loop
     starts a new one; a one-turn run ends with it."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, EXIT_RUN_FAILED)
-
 
 class Dropped(Exception):
     """The socket ended with nothing to say it should: a network gone, a gateway restarted. A
@@ -1302,14 +1298,12 @@ async def answer_tool(message: Message, workspace: Workspace, screen: Screen) ->
 
 class Connection:
     """The socket to the gateway, kept up: after a drop it reconnects, with backoff, for at most
-    `reconnect_for` seconds, and resumes the session from the last seq seen (CONTRACT v2,
-    "Sessions and resume"). Everything a resume needs is kept here, and nowhere else:
+    `reconnect_for` seconds, and resumes the session from the last seq seen. All a resume needs
+    is kept here, and nowhere else:
 
-      - session_id, and last_seq, the newest seq received: a notification at or below it is
-        never passed on again, so no text is shown twice;
-      - answers, the response sent to each tool-call id of the run in progress: the gateway
-        sends a request still waiting again after a resume, and it is answered from here,
-        never run twice (a patch applied once, a hunk never asked about again);
+      - session_id, and last_seq, the newest seq received: nothing at or below it is passed on again;
+      - answers, the response sent to each tool-call id of the run in progress: a request the
+        gateway sends again after a resume is answered from here, never run twice;
       - running, the tools still at work: a review the user is answering goes on through a drop,
         and its answer goes out on whichever socket is up when it is done.
 
@@ -1439,12 +1433,11 @@ class Connection:
         self.screen.say(f"[resumed after {time.monotonic() - started:.1f} s]")
 
     async def resume(self) -> aiohttp.ClientWebSocketResponse:
-        """One try: a new socket, and `resume` sent and answered on it. -32003 (the session no
-        longer keeps what came after last_seq): resume from the oldest seq kept, saying output
-        was lost. -32002 (the gateway has no such session): the new socket is kept for a new
-        conversation, and SessionLost is raised. With no session yet (a drop before the first
-        message was answered) there is nothing to resume: the new socket is announced as if it
-        resumed nothing, so a turn waiting for its answer sends its message again."""
+        """One try: a new socket, and `resume` sent and answered on it. -32003 (what came after
+        last_seq is no longer kept): resume from the oldest seq kept, saying output was lost.
+        -32002 (no such session): SessionLost, the new socket kept for a new conversation. No
+        session yet (a drop before the first answer): nothing to resume, so the socket is
+        announced as a resume of nothing, and the turn sends its message again."""
         assert self.reopen is not None
         ws = await self.reopen()
         try:
@@ -1464,7 +1457,7 @@ class Connection:
                     self.screen.say(f"[some output was lost: the gateway keeps this conversation's output from seq {data['oldest_seq']} on]")
                     self.last_seq = data["oldest_seq"] - 1
                 elif code == UNKNOWN_SESSION:
-                    lost = SessionLost(f"the gateway no longer has this conversation: {answer.error.get('message')}")
+                    lost = SessionLost(f"the gateway no longer has this conversation: {answer.error.get('message')}", EXIT_RUN_FAILED)
                     self.ws, self.session_id, self.last_seq = ws, None, 0
                     raise lost
                 else:

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -243,6 +244,19 @@ async def test_prompt_loop_remembers_the_conversation_across_a_restart(stack: St
     await ide.end_input()
     assert await ide.exit_status() == 0, ide
     assert RESUMED in ide.err, ide
+
+
+async def test_ctrl_c_while_the_gateway_is_down_cancels_the_run_after_the_resume(stack: Stack, tmp_path: Path, launch: Any) -> None:
+    """Ctrl-C with no socket up: the cancel goes out once the session is resumed, and the run ends cancelled."""
+    ide = await launch(*ide_args(stack, tmp_path, "[delay:50] [tokens:400]"))
+    await ide.wait_for("out", " t3")
+    await kill_gateways(stack)
+    await ide.wait_for("err", LOST)
+    ide.process.send_signal(signal.SIGINT)
+    await ide.wait_for("err", "[cancelling")
+    await start_gateways(stack)
+    assert await ide.exit_status() == 1, ide
+    assert "[cancelled]" in ide.err and RESUMED in ide.err and " t399" not in ide.out, ide
 
 
 async def test_gateway_gone_for_good_exits_3_within_the_bound(stack: Stack, tmp_path: Path, launch: Any) -> None:
