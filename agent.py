@@ -59,6 +59,7 @@ from starlette.routing import Route
 from protocol import (
     ALLOWED_HOSTS,
     ATTACH_ID_HEADER,
+    HEARTBEAT_HEADER,
     BODY_TIMEOUT_S,
     CANCEL_PATH,
     CANCELLED,
@@ -110,7 +111,7 @@ LLM_PROXY_URL = os.environ.get("LLM_PROXY_URL", "http://127.0.0.1:8002/v1")  # O
 LLM_MODEL = os.environ.get("LLM_MODEL", "gpt-4o-mini")  # sent as "model"; the fake accepts any
 TOOL_TIMEOUT_S = float(os.environ.get("TOOL_TIMEOUT_S", "300"))  # per tool batch; people review patches
 AGENT_MAX_STEPS = int(os.environ.get("AGENT_MAX_STEPS", "20"))  # model replies per user message
-HEARTBEAT_S = float(os.environ.get("AGENT_HEARTBEAT_S", "15"))  # idle time before a `:` comment
+AGENT_HEARTBEAT_S = float(os.environ.get("AGENT_HEARTBEAT_S", "15"))  # idle time before a `:` comment
 LLM_CONNECT_TIMEOUT_S = float(os.environ.get("LLM_CONNECT_TIMEOUT_S", "5"))  # reaching llm_proxy
 LLM_READ_TIMEOUT_S = float(os.environ.get("LLM_READ_TIMEOUT_S", "300"))  # silence from llm_proxy
 RESUME_GRACE_S = float(os.environ.get("RESUME_GRACE_S", "30"))  # a run with no stream attached this long is cancelled
@@ -120,6 +121,8 @@ MAX_RUN_BYTES = int(os.environ.get("AGENT_MAX_RUN_BYTES", str(16 * 1024 * 1024))
 MAX_BODY_BYTES = int(os.environ.get("AGENT_MAX_BODY_BYTES", str(2 * 1024 * 1024)))  # a user message or a tool result
 AGENT_LEASE_S = float(os.environ.get("AGENT_LEASE_S", "10"))  # REDIS_URL: a dead owner's run is declared lost after this
 REDIS_URL = os.environ.get("REDIS_URL", "")  # unset: everything in this process's memory
+# With Redis a frozen replica must be noticed within the lease: beat at least 4 times per lease
+HEARTBEAT_S = min(AGENT_HEARTBEAT_S, AGENT_LEASE_S / 4) if REDIS_URL else AGENT_HEARTBEAT_S
 AGENT_TOKEN = os.environ.get("AGENT_TOKEN", "")  # set: every request needs Authorization: Bearer <it> (the gateway sends it)
 LLM_PROXY_KEY = os.environ.get("LLM_PROXY_KEY", "")  # set: sent to llm_proxy as Authorization: Bearer <it>
 
@@ -955,7 +958,12 @@ async def session_events(request: Request) -> Response:
 
 
 def stream_response(agent: Agent, attachment: Attachment) -> Response:
-    headers = {RUN_ID_HEADER: attachment.run_id or "", LAST_SEQ_HEADER: str(attachment.last_seq), ATTACH_ID_HEADER: attachment.attach_id}
+    headers = {
+        RUN_ID_HEADER: attachment.run_id or "",
+        LAST_SEQ_HEADER: str(attachment.last_seq),
+        ATTACH_ID_HEADER: attachment.attach_id,
+        HEARTBEAT_HEADER: f"{HEARTBEAT_S:g}",
+    }
 
     async def detach() -> None:  # however the response ends, started or not
         with contextlib.suppress(StoreUnavailable):

@@ -61,6 +61,7 @@ from protocol import (
     ERR_STORE,
     ERROR,
     EVENTS_PATH,
+    HEARTBEAT_HEADER,
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -106,7 +107,7 @@ from protocol import (
 AGENT_URL = os.environ.get("AGENT_URL", "http://127.0.0.1:8001")  # the agent runtime's base URL (or a balancer)
 MAX_FRAME_BYTES = int(os.environ.get("GATEWAY_MAX_FRAME_BYTES", str(1024 * 1024)))  # larger frames close the socket (1009)
 AGENT_CONNECT_TIMEOUT_S = float(os.environ.get("AGENT_CONNECT_TIMEOUT_S", "5"))  # reaching the agent
-AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence; it beats every 15 s
+AGENT_READ_TIMEOUT_S = float(os.environ.get("AGENT_READ_TIMEOUT_S", "60"))  # agent silence, at most; see Link.silence_s
 REATTACH_TRIES = 2  # a broken agent stream is re-attached this many times in a row without progress before the gateway reports it
 REATTACH_BACKOFF_S = 0.25  # wait before the second re-attach in a row (then twice that, ...)
 SESSION_BUSY_WAIT_S = 3.0  # a user_message waits this long for the session's previous run to finish ending
@@ -164,6 +165,15 @@ class Link:
     session_id: str | None = None  # set by the first user_message or a resume
     last_seq: int = 0  # the newest seq relayed to the IDE: where a re-attach starts
     attach_id: str = ""  # the agent's id for this socket's newest stream: the session is ours while it is the holder
+    heartbeat_s: float | None = None  # the agent's beat, as its last stream said (X-Heartbeat-S)
+
+    @property
+    def silence_s(self) -> float:
+        """How long the agent may say nothing: two missed heartbeats (a frozen replica sends no
+        reset, so silence is all there is to go by), and never more than AGENT_READ_TIMEOUT_S."""
+        if self.heartbeat_s is None:
+            return AGENT_READ_TIMEOUT_S
+        return min(AGENT_READ_TIMEOUT_S, 2 * self.heartbeat_s + 1)
     relay: Relay | None = None
 
     async def handle(self, message: Message) -> None:
@@ -327,22 +337,27 @@ class Link:
 
     async def agent_stream(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """Open a stream on the agent; its transport errors become AgentFailed or StreamBroke."""
+        silence_s = self.silence_s
         try:
-            async with asyncio.timeout(AGENT_READ_TIMEOUT_S):  # for the answer to start; then read_chunks times the body
-                return await self.http.request(method, AGENT_URL + path, **kwargs)
+            async with asyncio.timeout(silence_s):  # for the answer to start; then read_chunks times the body
+                response = await self.http.request(method, AGENT_URL + path, **kwargs)
         except aiohttp.ClientConnectorError as exc:
             raise AgentFailed(f"Cannot reach the agent at {AGENT_URL}: {exc.os_error or exc}", True) from None
         except aiohttp.ConnectionTimeoutError:
             raise AgentFailed(f"Cannot reach the agent at {AGENT_URL} within {AGENT_CONNECT_TIMEOUT_S:g} s (AGENT_CONNECT_TIMEOUT_S).", True) from None
         except TimeoutError:
-            raise AgentFailed(f"The agent did not answer within {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).", True) from None
+            raise AgentFailed(f"The agent did not answer within {silence_s:g} s (AGENT_READ_TIMEOUT_S, or two of its heartbeats).", True) from None
         except aiohttp.ClientError as exc:
             raise AgentFailed(f"The agent's answer broke off: {exc!r}", True) from None
+        with contextlib.suppress(ValueError):
+            self.heartbeat_s = float(response.headers[HEARTBEAT_HEADER]) if HEARTBEAT_HEADER in response.headers else self.heartbeat_s
+        return response
 
     async def pump(self, relay: Relay, response: aiohttp.ClientResponse) -> bool:
         """Relay one stream's events; True once the run's final or error has reached the IDE."""
+        silence_s = self.silence_s
         try:
-            async with response, contextlib.aclosing(read_chunks(response.content, AGENT_READ_TIMEOUT_S)) as reads:
+            async with response, contextlib.aclosing(read_chunks(response.content, silence_s)) as reads:
                 ended = False
                 async for events in iter_sse(reads):
                     for event in events:  # after the end, read on to EOF: a fully read response frees its connection
@@ -350,7 +365,7 @@ class Link:
                             ended = await self.relay_event(relay, event)
                 return ended or relay.run_id is None
         except TimeoutError:
-            raise StreamBroke(f"The agent sent nothing for {AGENT_READ_TIMEOUT_S:g} s (AGENT_READ_TIMEOUT_S).") from None
+            raise StreamBroke(f"The agent sent nothing for {silence_s:g} s (AGENT_READ_TIMEOUT_S, or two of its heartbeats).") from None
         except (aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
             raise StreamBroke(f"The agent's stream broke off: {exc!r}") from None
 

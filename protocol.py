@@ -72,6 +72,7 @@ EVENTS_PATH = "/v1/sessions/{session_id}/events"  # GET with Last-Event-ID: repl
 LAST_EVENT_ID = "Last-Event-ID"
 RUN_ID_HEADER = "X-Run-Id"  # on an events stream: the run in progress, or empty
 LAST_SEQ_HEADER = "X-Last-Seq"  # on an events stream: the newest seq the session has
+HEARTBEAT_HEADER = "X-Heartbeat-S"  # on an events stream: the agent's longest silence; two missed beats = a broken stream
 ATTACH_ID_HEADER = "X-Attach-Id"  # on an events stream: this stream's attach id; on a re-attach: the one it replaces
 CANCELLING = "cancelling"  # the cancel endpoint's status: the final follows on the stream
 

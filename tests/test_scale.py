@@ -341,8 +341,9 @@ async def test_owner_paused_past_its_lease_is_agent_lost_and_writes_nothing_more
 
 async def test_owner_frozen_under_the_ides_own_stream_is_agent_lost_within_lease_plus_5s(lease_stack: Stack, http: aiohttp.ClientSession) -> None:
     """The owner frozen while the IDE's stream comes from it (as a host that hangs or loses power: no RST)."""
-    # FAILS, pinning a gap: the gateway waits AGENT_READ_TIMEOUT_S (60 s) on the owner's silent stream
-    # before it re-attaches to a replica whose reader can declare the run lost.
+    # The gateway takes two missed heartbeats (the agent beats 4 times per lease with Redis) for a
+    # broken stream, and a re-attach that lands on the frozen replica is cut after as long: it
+    # waited AGENT_READ_TIMEOUT_S (60 s) before.
     stack = lease_stack
     ws = await connect(http, stack)
     await start_turn(ws, unique("[delay:50] [tokens:400]"))
