@@ -23,7 +23,7 @@ import openai
 import pytest
 
 from conftest import ROOT, Service, Stack, free_port, start_stack, wait_healthy
-from test_guard import Reply, exchange, outward_address, parse_reply, request
+from test_guard import RawAnswer, exchange, outward_address, parse_reply, request
 
 UPSTREAM_KEY = "sk-upstream-only-9c2f1d"  # OPENAI_API_KEY: the proxy's alone
 PROXY_KEY = "proxy-key-for-clients-4a7e"  # LLM_PROXY_KEY: what the agent or an SDK sends
@@ -132,14 +132,14 @@ def keyed_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: Recorder) ->
     stack.stop()
 
 
-async def call(service: Service, method: str, path: str, body: bytes = b"", host: str | None = None, **headers: str) -> Reply:
+async def call(service: Service, method: str, path: str, body: bytes = b"", host: str | None = None, **headers: str) -> RawAnswer:
     """One request as literal bytes: Host 127.0.0.1:PORT unless told; header names as Content_Type."""
     named = {"Host": host.format(port=service.port) if host is not None else f"127.0.0.1:{service.port}"}
     named.update({name.replace("_", "-"): value for name, value in headers.items()})
     return await exchange(service.port, request(method, path, named, body))
 
 
-def openai_error(reply: Reply) -> dict[str, object]:
+def openai_error(reply: RawAnswer) -> dict[str, object]:
     """The reply's error object, checked to be in OpenAI's shape."""
     error = json.loads(reply.body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
