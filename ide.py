@@ -510,11 +510,13 @@ GIT_SAFE_CONFIG = (
     "core.fsmonitor=false",  # a hook program git would ask which files changed
     "core.hooksPath=/dev/null",  # hooks: none of these commands should run one, and none will
     "protocol.allow=never",  # no transport at all: no lazy fetch of a partial clone, no ext::, no core.sshCommand
+    "safe.bareRepository=explicit",  # a bare repository (HEAD, objects/, refs/, config) is used only if named, never found
 )
-# A patch is applied in a private scratch directory, to copies: git there sees no repository
-# (GIT_CEILING_DIRECTORIES stops the search) and no config or attributes file at all, so no
-# filter runs and the patch applies byte for byte, whatever the user's own settings say.
-GIT_ISOLATED_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
+# A patch is applied in a private scratch directory, to copies: git there is outside any
+# repository (GIT_DIR names a path that cannot exist, /dev/null being no directory, so copies
+# named HEAD, objects/, refs/ and config are not a repository to git) and reads no config or
+# attributes file, so no filter runs and the patch applies byte for byte.
+GIT_ISOLATED_ENV = {"GIT_DIR": "/dev/null/no-repository", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
 APPLY_OPTIONS = ["--recount", "--whitespace=nowarn"]  # models miscount @@ lengths: git recounts them
 
 
@@ -535,7 +537,7 @@ async def git(cwd: Path | str, args: list[str], stdin: bytes | None = None, limi
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, **GIT_ENV}
     settings = [*GIT_SAFE_CONFIG, *(config or [])]
     if isolated:
-        env.update(GIT_ISOLATED_ENV, GIT_CEILING_DIRECTORIES=os.path.dirname(os.path.abspath(cwd)))
+        env.update(GIT_ISOLATED_ENV)
         settings.append("core.attributesFile=/dev/null")
     try:
         process = await asyncio.create_subprocess_exec(
@@ -959,8 +961,8 @@ class Workspace:
         """Apply a diff all or nothing; the paths it changed. With `shown`, only those may change.
 
         git applies it to copies of the files it names, in a private directory where it sees no
-        repository and no config (so no filter or hook of the user's repository runs); the
-        results are checked (no symlink, no new executable) and go through atomic_write.
+        repository and no config, not even copies that look like one (so no filter or hook runs);
+        the results are checked (no symlink, no new executable) and go through atomic_write.
         """
         data = diff.encode("utf-8")
         try:

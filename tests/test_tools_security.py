@@ -160,6 +160,25 @@ async def test_filter_named_so_that_it_cannot_be_switched_off_is_refused(tmp_pat
     assert caught.value.name == "git_failed" and marker_files(tmp_path) == []
 
 
+async def test_copies_that_look_like_a_repository_run_nothing(tmp_path: Path) -> None:
+    """HEAD, objects/, refs/, a config naming a filter and .gitattributes copied into the scratch directory: git apply runs no filter (was: it took the copies for a repository)."""
+    config = f'[core]\n\tbare = false\n\tworktree = .\n[filter "evil"]\n\tclean = touch {tmp_path}/ran-clean; cat\n\tsmudge = touch {tmp_path}/ran-smudge; cat\n'
+    root = workspace(tmp_path, **{"HEAD": "ref: refs/heads/main\n", "config": config, ".gitattributes": "* filter=evil\n"})
+    for name in ("objects", "refs"):
+        (root / name).mkdir()
+        (root / name / "x").write_text("x\n")
+    touch_all = "".join(f"diff --git a/{p} b/{p}\n--- a/{p}\n+++ b/{p}\n@@ -1 +1,2 @@\n x\n+\n" for p in ("objects/x", "refs/x"))
+    touch_all += "diff --git a/.gitattributes b/.gitattributes\n--- a/.gitattributes\n+++ b/.gitattributes\n@@ -1 +1,2 @@\n * filter=evil\n+\n"
+    touch_all += "".join(f"diff --git a/{p} b/{p}.txt\nsimilarity index 100%\ncopy from {p}\ncopy to {p}.txt\n" for p in ("HEAD", "config"))
+    try:
+        value = await Workspace(root).call("apply_patch", {"diff": touch_all})
+    except ToolError as exc:
+        value = {"error": exc.name}
+    assert marker_files(tmp_path) == []  # was: ["ran-clean"], and the patch failed
+    assert value == {"applied": True, "files": ["objects/x", "refs/x", ".gitattributes", "HEAD.txt", "config.txt"]}
+    assert (root / "objects" / "x").read_text() == "x\n\n" and (root / "config.txt").read_text() == config
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. git decides which files a patch touches
 # ---------------------------------------------------------------------------------------------
