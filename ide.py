@@ -279,6 +279,27 @@ def write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
     return temp
 
 
+# A HEAD that git accepts makes its directory a bare repository once objects/ and refs/ are beside
+# it (any write can make them), and git obeys that repository's config: the user's shell prompt
+# runs `git status` on cd, and its core.fsmonitor runs (the embedded bare repository attack that
+# git's safe.bareRepository exists for). So no tool writes such a HEAD, nor a config or commondir
+# (where git would look for the config) beside a HEAD a checkout already holds. objects/ and
+# refs/ are not looked for: they can be made after the config.
+_HEAD_CONTENT = re.compile(rb"ref:|[0-9a-fA-F]{40}")  # a symbolic ref, or an object id (40 or 64 hex digits)
+
+
+def forges_repository(name: str, data: bytes, dir_fd: int | None) -> bool:
+    """Whether `data` written as `name` in dir_fd (None: a directory still to be made) would be
+    a file git reads as a repository's own: a HEAD, or a config or commondir beside a HEAD."""
+    if name.casefold() == "head":
+        return _HEAD_CONTENT.match(data) is not None
+    if name.casefold() in ("config", "commondir") and dir_fd is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.stat("HEAD", dir_fd=dir_fd, follow_symlinks=False)
+            return True
+    return False
+
+
 def readlink(name: str, dir_fd: int) -> str | None:
     """Where the symlink `name` in dir_fd points; None when it is not a symlink, or not there."""
     try:
@@ -810,6 +831,8 @@ class Workspace:
                 old = None if missing else os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 raise ToolError("is_directory", f"{change.path!r} is a directory")
+            if change.data is not None and forges_repository(name, change.data, None if missing else dir_fd):
+                raise ToolError("outside_workspace", f"{change.path!r} would be a file git takes for a repository's own (a HEAD naming a ref or commit, or a config beside a HEAD): like .git, off limits to every tool")
             if old is not None and not stat.S_ISREG(old.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file")
             if change.data is None:

@@ -25,7 +25,7 @@ import pytest
 import ide
 from conftest import ROOT, Stack
 from ide import ToolError, Workspace
-from test_ide_tools import scripted
+from test_ide_tools import files_under, scripted
 from test_tools_e2e import calling, drive, git, outside_state, repo, workspace
 
 RUN_TIMEOUT_S = 60  # one `python ide.py` turn, a hang bound on a loaded 2-core machine
@@ -177,6 +177,58 @@ async def test_copies_that_look_like_a_repository_run_nothing(tmp_path: Path) ->
     assert marker_files(tmp_path) == []  # was: ["ran-clean"], and the patch failed
     assert value == {"applied": True, "files": ["objects/x", "refs/x", ".gitattributes", "HEAD.txt", "config.txt"]}
     assert (root / "objects" / "x").read_text() == "x\n\n" and (root / "config.txt").read_text() == config
+
+
+def user_git(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """git as a user with no settings of their own runs it (what a shell prompt runs on cd)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("GIT_")}, "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null"}
+    return subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+async def test_a_planted_bare_repository_is_refused(tmp_path: Path) -> None:
+    """The review's replay: sub/HEAD, sub/objects/, sub/refs/ and a sub/config with fsmonitor; HEAD is refused, so the user's `git status` in sub runs nothing (was: it ran the command)."""
+    root = workspace(tmp_path)
+    config = f'[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tworktree = ..\n\tfsmonitor = "touch {tmp_path}/ran-fsmonitor"\n'
+    ws = Workspace(root)
+    with pytest.raises(ToolError) as caught:
+        await ws.call("write_file", {"path": "sub/HEAD", "content": "ref: refs/heads/main\n"})
+    assert caught.value.name == "outside_workspace"
+    for path, content in (("sub/objects/x", ""), ("sub/refs/x", ""), ("sub/config", config)):
+        await ws.call("write_file", {"path": path, "content": content})
+    user_git(root / "sub", "status")
+    assert marker_files(tmp_path) == [] and not (root / "sub" / "HEAD").exists()
+
+
+FORGED = {  # each would be a file git reads as a repository's own; fixture/HEAD is a checkout's
+    "head-ref": ("write_file", {"path": "sub/HEAD", "content": "ref: refs/heads/main\n"}),
+    "head-commit-other-case": ("write_file", {"path": "Head", "content": "0123456789abcdef0123456789abcdef01234567\n"}),
+    "head-by-patch": ("apply_patch", {"diff": "diff --git a/sub/HEAD b/sub/HEAD\nnew file mode 100644\n--- /dev/null\n+++ b/sub/HEAD\n@@ -0,0 +1 @@\n+ref: refs/heads/main\n"}),
+    "head-by-copy": ("apply_patch", {"diff": "diff --git a/ref.txt b/sub/HEAD\nsimilarity index 100%\ncopy from ref.txt\ncopy to sub/HEAD\n"}),
+    "config-beside-head": ("write_file", {"path": "fixture/config", "content": "[core]\n\tfsmonitor = touch x\n"}),
+    "commondir-beside-head": ("write_file", {"path": "fixture/commondir", "content": "../evil\n"}),
+}
+
+
+@pytest.mark.parametrize(("name", "arguments"), FORGED.values(), ids=FORGED.keys())
+async def test_files_git_reads_as_a_repository_are_refused(tmp_path: Path, name: str, arguments: dict[str, Any]) -> None:
+    """A HEAD naming a ref or a commit, and a config or commondir beside a HEAD, are outside_workspace; nothing is written."""
+    root = workspace(tmp_path, **{"ref.txt": "ref: refs/heads/main\n"})
+    (root / "fixture").mkdir()
+    (root / "fixture" / "HEAD").write_text("ref: refs/heads/main\n")
+    before = files_under(root)
+    with pytest.raises(ToolError) as caught:
+        await Workspace(root).call(name, arguments)
+    assert caught.value.name == "outside_workspace"
+    assert files_under(root) == before
+
+
+async def test_ordinary_files_named_head_and_config_are_written(tmp_path: Path) -> None:
+    """A HEAD that is no ref, and a config with no HEAD beside it, are ordinary files."""
+    root = workspace(tmp_path)
+    ws = Workspace(root)
+    for path, content in (("docs/HEAD", "The head of the table.\n"), ("config", "[core]\n"), ("app/config", "port = 80\n")):
+        await ws.call("write_file", {"path": path, "content": content})
+        assert (root / path).read_text() == content
 
 
 # ---------------------------------------------------------------------------------------------
