@@ -511,7 +511,24 @@ def hunk_start(hunk: str) -> int:
 
 
 def join_diff(files: list[FileDiff]) -> str:
-    return "".join("".join(file.header) + "".join(file.hunks) for file in files)
+    """The diff as git is given it. A plain `diff -u` section is led by a `diff --git` line (and
+    `new file mode` or `deleted file mode` for /dev/null, which git reads only so): git then ends
+    each section where parse_diff does, instead of counting a `---`/`+++` pair after a hunk as a
+    removed and an added line of it (--recount), lines the review would have shown as a header."""
+    text: list[str] = []
+    for file in files:
+        if not file.git:
+            text.append(f"diff --git a/{file.path} b/{file.path}\n")
+            if "/dev/null" in file.paths[:2]:
+                text.append("new file mode 100644\n" if file.paths[0] == "/dev/null" else "deleted file mode 100644\n")
+        text += [*file.header, *file.hunks]
+    return "".join(text)
+
+
+def numstat(file: FileDiff) -> str:
+    """What `git apply --numstat` says of a section that git reads as parse_diff does: PATH +A -D."""
+    lines = [line for hunk in file.hunks for line in split_lines(hunk)[1:]]
+    return f"{file.path} +{sum(line.startswith('+') for line in lines)} -{sum(line.startswith('-') for line in lines)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -952,51 +969,59 @@ class Workspace:
             for path in file.paths:
                 if path != "/dev/null":
                     self.check(path)  # an absolute header path is refused here too
+            if not file.git and len(set(file.paths[:2]) - {"/dev/null"}) != 1:  # given a `diff --git` line, git would rename
+                raise ToolError("patch_invalid", f"the section at {file.header[0].strip()!r} names {' and '.join(file.paths[:2])} in its --- and +++ lines; a plain diff changes one file (send a rename as `diff --git` with rename from / rename to)")
         return files
 
-    async def patch_paths(self, diff: bytes, scratch: str) -> list[str]:
-        """Every path git will touch applying `diff`, as git itself reads the diff, each checked.
+    async def patch_paths(self, files: list[FileDiff], scratch: str, reviewed: bool = False) -> list[str]:
+        """Every path git will touch applying `files`, as git itself reads them, each checked.
 
-        `git apply --numstat` names each file's new path (the old one for a deletion); read
+        `git apply --numstat` names each section's new path (the old one for a deletion); read
         reversed (-R), the diff names the old path of each rename and copy. A diff can hold a
         section that no other parser sees the way git does: only git's own reading is trusted.
+        `reviewed`: the user is shown `files`, so git must read them as shown, section for section:
+        the same paths, each adding and deleting as many lines as its hunks show.
         """
         paths: list[str] = []
+        sections: list[str] = []  # numstat() of each section, as git reads it
         for reverse in ([], ["-R"]):
-            run = await git(scratch, ["apply", *APPLY_OPTIONS, "--numstat", "-z", *reverse, "-"], diff, isolated=True)
+            run = await git(scratch, ["apply", *APPLY_OPTIONS, "--numstat", "-z", *reverse, "-"], join_diff(files).encode("utf-8"), isolated=True)
             if run.status != 0 or run.cut:
                 raise patch_error(run.err, [], run.status)
             entries = run.out.split(b"\0")[:-1]  # b"ADDED\tDELETED\tPATH" each
             for entry in reversed(entries) if reverse else entries:
                 try:
-                    path = entry.split(b"\t", 2)[2].decode("utf-8")
-                except (IndexError, UnicodeDecodeError):
+                    added, deleted, path = entry.decode("utf-8").split("\t", 2)
+                except (ValueError, UnicodeDecodeError):
                     raise ToolError("patch_invalid", f"git reads a path in this diff that is not UTF-8: {entry!r:.100}") from None
+                sections += [] if reverse else [f"{path} +{added} -{deleted}"]
                 if path not in paths:
                     paths.append(path)
         for path in paths:
             self.check(path)
             if any(part in ("", ".", "..") for part in path.split("/")):  # git refuses them too; copy_out must not meet them
                 raise ToolError("patch_invalid", f"the diff names the path {path!r}; paths in a patch are plain, without . or ..")
+        shown = {path for file in files for path in file.paths if path != "/dev/null"}
+        if reviewed and set(paths) != shown:
+            raise ToolError("patch_invalid", f"git reads this diff as changing {', '.join(map(repr, paths))}, but its headers show {', '.join(map(repr, sorted(shown)))}; send each file's section with its own `diff --git` header. Nothing was changed.")
+        if reviewed and sections != [numstat(file) for file in files]:
+            raise ToolError("patch_invalid", f"git reads this diff as {', '.join(sections)}, but its hunks show {', '.join(numstat(file) for file in files)}; every line of a hunk starts with ' ', '+', '-' or '\\'. Nothing was changed.")
         return paths
 
-    async def apply(self, diff: str, shown: set[str] | None = None) -> list[str]:
-        """Apply a diff all or nothing; the paths it changed. With `shown`, only those may change.
+    async def apply(self, files: list[FileDiff], reviewed: bool = False) -> list[str]:
+        """Apply a diff all or nothing; the paths it changed. `reviewed`: git must read it as shown.
 
         git applies it to copies of the files it names, in a private directory where it sees no
         repository and no config, not even copies that look like one (so no filter or hook runs);
         the results are checked (no symlink, no new executable) and go through atomic_write.
         """
-        data = diff.encode("utf-8")
         try:
             with tempfile.TemporaryDirectory(prefix="ide-patch-") as scratch:
-                paths = await self.patch_paths(data, scratch)
-                if shown is not None and not set(paths) <= shown:
-                    raise ToolError("patch_invalid", f"git reads the accepted hunks as changing {', '.join(map(repr, paths))}, beyond the files shown. Nothing was changed.")
+                paths = await self.patch_paths(files, scratch, reviewed)
                 originals = await asyncio.to_thread(self.copy_out, paths, scratch)
-                run = await git(scratch, ["apply", *APPLY_OPTIONS, "-"], data, isolated=True)
+                run = await git(scratch, ["apply", *APPLY_OPTIONS, "-"], join_diff(files).encode("utf-8"), isolated=True)
                 if run.status != 0:
-                    raise patch_error(run.err, parse_diff(diff), run.status)
+                    raise patch_error(run.err, files, run.status)
                 changes = await asyncio.to_thread(self.results, paths, scratch, originals)
         except OSError as exc:  # the scratch directory's disk is full, say
             raise ToolError("io_error", f"cannot apply the patch: {exc.strerror or exc}. Nothing was changed.") from None
@@ -1056,23 +1081,20 @@ class Workspace:
     async def apply_patch(self, params: dict[str, Any]) -> dict[str, Any]:
         """{diff} -> {applied: true, files}: files are every path git changed."""
         check_args(params, {"diff": str}, {})
-        self.check_patch(params["diff"])
-        return {"applied": True, "files": await self.apply(params["diff"])}
+        return {"applied": True, "files": await self.apply(self.check_patch(params["diff"]))}
 
     async def apply_patch_review(self, params: dict[str, Any]) -> dict[str, Any]:
         """{diff, message?} -> {accepted, rejected, applied, files}: only accepted hunks apply.
 
         Hunks are numbered from 0 across the whole diff. A file with no hunks (a rename, a mode
         change) is one item to accept or reject on its own. The user sees the files as split
-        here; a diff that git reads as touching other files than these is refused before asking.
+        here; a diff that git reads otherwise (other files, other line counts) is refused before
+        asking, and what is accepted is checked so again before it is applied.
         """
         check_args(params, {"diff": str}, {"message": str})
         files = self.check_patch(params["diff"])
         with tempfile.TemporaryDirectory(prefix="ide-patch-") as scratch:
-            seen = await self.patch_paths(params["diff"].encode("utf-8"), scratch)
-        shown = {path for file in files for path in file.paths if path != "/dev/null"}
-        if set(seen) != shown:
-            raise ToolError("patch_invalid", f"git reads this diff as changing {', '.join(map(repr, seen))}, but its headers show {', '.join(map(repr, sorted(shown)))}; send each file's section with its own `diff --git` header")
+            await self.patch_paths(files, scratch, reviewed=True)
         items = [(file, hunk) for file in files for hunk in (file.hunks or [""])]
         if self.policy == ASK:
             async with self.dialogue:
@@ -1086,7 +1108,7 @@ class Workspace:
             hunks = [hunk for i, (owner, hunk) in enumerate(items) if owner is file and decisions[i]]
             if hunks:
                 kept.append(FileDiff(file.header, [h for h in hunks if h], file.paths, file.git))
-        applied = await self.apply(join_diff(kept), shown) if kept else []
+        applied = await self.apply(kept, reviewed=True) if kept else []
         return {"accepted": accepted, "rejected": rejected, "applied": bool(kept), "files": applied}
 
     async def review(self, message: str, items: list[tuple[FileDiff, str]]) -> list[bool]:

@@ -505,6 +505,20 @@ async def test_apply_patch_plain_unified_diff(root: Path) -> None:
     assert (root / "a.txt").read_text() == "one\nTWO\n"
 
 
+async def test_apply_patch_plain_diff_of_several_files(root: Path) -> None:
+    """A `diff -ru` patch (no `diff --git` lines): a change with timestamps, a file created and one deleted through /dev/null, all applied."""
+    (root / "a.txt").write_text("one\ntwo\n")
+    (root / "old.txt").write_text("bye\n")
+    diff = (
+        "diff -ru a/a.txt b/a.txt\n--- a/a.txt\t2024-01-01 00:00:00\n+++ b/a.txt\t2024-01-02 00:00:00\n@@ -1,2 +1,2 @@\n one\n-two\n+TWO\n"
+        "diff -ru a/new.txt b/new.txt\n--- /dev/null\n+++ b/new.txt\n@@ -0,0 +1 @@\n+hi\n"
+        "--- a/old.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n"
+    )
+    assert (await call(Workspace(root), "apply_patch", diff=diff))["files"] == ["a.txt", "new.txt", "old.txt"]  # was: patch_failed
+    assert sorted(p.name for p in root.iterdir()) == ["a.txt", "new.txt"]
+    assert (root / "a.txt").read_text() == "one\nTWO\n" and (root / "new.txt").read_text() == "hi\n"
+
+
 async def test_apply_patch_is_all_or_nothing(repo: Path) -> None:
     """Two files, the second's hunk does not fit: the first file is left unchanged too."""
     (repo / "b.txt").write_text("x\ny\n")
@@ -536,11 +550,11 @@ async def test_apply_patch_to_a_missing_file_fails(root: Path) -> None:
 
 @pytest.mark.parametrize(
     "diff",
-    ["just some text\n", "", "@@ -1 +1 @@\n-a\n+b\n", "diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n*a\n"],
-    ids=["prose", "empty", "hunk-without-header", "corrupt-hunk"],
+    ["just some text\n", "", "@@ -1 +1 @@\n-a\n+b\n", "diff --git a/x b/x\n--- a/x\n+++ b/x\n@@ -1 +1 @@\n*a\n", "--- a/x\n+++ b/y\n@@ -1 +1 @@\n-a\n+b\n"],
+    ids=["prose", "empty", "hunk-without-header", "corrupt-hunk", "plain-two-names"],
 )
 async def test_apply_patch_not_a_diff_is_patch_invalid(root: Path, diff: str) -> None:
-    """Text that is no diff, a hunk with no file header, or a hunk git cannot read: patch_invalid."""
+    """Text that is no diff, a hunk with no file header, a hunk git cannot read, or a plain section naming two files: patch_invalid."""
     (root / "x").write_text("a\n")
     assert (await fails(Workspace(root), "apply_patch", diff=diff)).name == "patch_invalid"
 

@@ -271,6 +271,35 @@ async def test_review_of_a_diff_git_reads_differently_asks_nothing(stack: Stack,
     assert ask.prompts == [] and not (root / "src").exists()  # type: ignore[attr-defined]
 
 
+SQL = "BEGIN;\nCREATE TABLE users (id int);\n-- db/q.sql\nSELECT 1;\nSELECT 2;\nSELECT 3;\nSELECT 4;\nCOMMIT;\n"
+UNSEEN_LINE = (  # a plain diff: parse_diff reads the ---/+++ pair after hunk 1 as a second section's header
+    "--- a/q.sql\n+++ b/q.sql\n@@ -1,2 +1,2 @@\n BEGIN;\n-CREATE TABLE users (id int);\n+CREATE TABLE users (id bigint);\n"
+    "--- db/q.sql\n+++ db/q.sql\tGRANT ALL ON users TO PUBLIC;\n SELECT 1;\n@@ -7,2 +7,2 @@\n-SELECT 4;\n+SELECT 4; -- tidy\n COMMIT;\n"
+)
+
+
+async def test_review_applies_no_line_it_did_not_show(tmp_path: Path) -> None:
+    """The review's replay: git (--recount) read that ---/+++ pair as a line removed and one added in hunk 1, the user was shown two harmless hunks, and q.sql got "++ db/q.sql\tGRANT ALL ON users TO PUBLIC;"; now git reads the sections as shown, or nothing is applied."""
+    root = workspace(tmp_path, **{"q.sql": SQL})
+    shown = SQL.replace("(id int)", "(id bigint)").replace("SELECT 4;", "SELECT 4; -- tidy")
+    try:
+        await Workspace(root, ask=scripted("y", "y"), ui=io.StringIO()).call("apply_patch_review", {"diff": UNSEEN_LINE})
+    except ToolError as exc:
+        assert exc.name == "patch_invalid"
+    assert (root / "q.sql").read_text() in (SQL, shown)
+
+
+async def test_review_of_a_hunk_git_reads_otherwise_asks_nothing(tmp_path: Path) -> None:
+    """A hunk line git does not read as one (here `diff x`, which ends the hunk for git) makes git's line counts differ from the hunks shown: patch_invalid before asking."""
+    root = workspace(tmp_path, **{"a.txt": "one\ntwo\n"})
+    ask = scripted("y")
+    diff = "diff --git a/a.txt b/a.txt\n--- a/a.txt\n+++ b/a.txt\n@@ -1,2 +1,2 @@\n one\n-two\n+2\ndiff x\n+three\n"
+    with pytest.raises(ToolError) as caught:
+        await Workspace(root, ask=ask, ui=io.StringIO()).call("apply_patch_review", {"diff": diff})
+    assert caught.value.name == "patch_invalid" and "a.txt +1 -1" in caught.value.message
+    assert ask.prompts == [] and (root / "a.txt").read_text() == "one\ntwo\n"  # type: ignore[attr-defined]
+
+
 RENAME_OUT = "diff --git a/notes.txt b/notes.txt\nsimilarity index 100%\nrename from notes.txt\nrename to {to}\n"
 SYMLINK = "diff --git a/link b/link\nnew file mode 120000\n--- /dev/null\n+++ b/link\n@@ -0,0 +1 @@\n+{target}\n\\ No newline at end of file\n"
 NEW_EXECUTABLE = "diff --git a/tools/hooks/pre-commit b/tools/hooks/pre-commit\nnew file mode 100755\n--- /dev/null\n+++ b/tools/hooks/pre-commit\n@@ -0,0 +1,2 @@\n+#!/bin/sh\n+touch {marker}\n"
