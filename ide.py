@@ -1112,7 +1112,9 @@ class Workspace:
         return {"accepted": accepted, "rejected": rejected, "applied": bool(kept), "files": applied}
 
     async def review(self, message: str, items: list[tuple[FileDiff, str]]) -> list[bool]:
-        """Show each hunk and ask: [y]es / [n]o / [a]ll (this and the rest) / [d]one (reject the rest)."""
+        """Show each hunk and ask: [y]es / [n]o / [a]ll (this and the rest) / [d]one (reject the rest).
+        A file's header comes before its first hunk, whole (as `git add -p` shows it): a rename,
+        a copy, a deletion or a mode change is part of what the user accepts."""
         if message:
             self.ui.write(self.paint(visible(message), "1") + "\n")
         decisions: list[bool] = []
@@ -1120,7 +1122,8 @@ class Workspace:
         for i, (file, hunk) in enumerate(items):
             if rest is None:
                 self.ui.write(self.paint(f"{visible(file.path, one_line=True)}: hunk {i + 1} of {len(items)}", "1") + "\n")
-                self.ui.write("".join(self.paint_line(line) for line in split_lines(hunk or "".join(file.header))))
+                header = file.header if i == 0 or items[i - 1][0] is not file else []
+                self.ui.write("".join(self.paint_line(line, "1") for line in header) + "".join(self.paint_line(line) for line in split_lines(hunk)))
                 while rest is None:
                     try:
                         answer = (await self.ask("Apply this hunk? [y]es / [n]o / [a]ll / [d]one-reject-rest: ")).strip().lower()
@@ -1142,9 +1145,10 @@ class Workspace:
         """Colour text that is already visible(): the only escape sequences ide.py writes."""
         return f"\x1b[{sgr}m{text}\x1b[0m" if self.colour else text
 
-    def paint_line(self, line: str) -> str:
+    def paint_line(self, line: str, sgr: str = "") -> str:
+        """One line of a diff: a header's in `sgr` (bold), a hunk's @@ cyan, + green, - red."""
         body = visible(line.rstrip("\n"), one_line=True)  # a \r would hide what comes before it
-        sgr = "36" if body.startswith("@@") else "32" if body.startswith("+") else "31" if body.startswith("-") else ""
+        sgr = sgr or ("36" if body.startswith("@@") else "32" if body.startswith("+") else "31" if body.startswith("-") else "")
         return (self.paint(body, sgr) if sgr else body) + "\n"
 
     # -- prompt_user -----------------------------------------------------------------------------
@@ -1284,7 +1288,7 @@ async def read_frame(ws: aiohttp.ClientWebSocketResponse) -> str:
 def describe(method: str, params: dict[str, Any], value: dict[str, Any] | None = None) -> str:
     """A few words for the tool's log line: its path, base, files or question. For an applied
     patch, the files git changed, not the ones its headers name."""
-    if method == "apply_patch" and value:
+    if method in ("apply_patch", "apply_patch_review") and value and value["files"]:
         detail = " ".join(value["files"])
     elif isinstance(params.get("diff"), str):
         detail = " ".join(dict.fromkeys(file.path for file in parse_diff(params["diff"])))

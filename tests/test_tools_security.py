@@ -340,6 +340,29 @@ async def test_rename_and_copy_inside_apply_and_list_both_names(tmp_path: Path) 
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == ["b.txt", "c.txt", "moved/a.txt"]
 
 
+AUTH = "def login(user):\n    return check(user)\n"
+HEADERS_WITH_A_HUNK = {  # (diff, the header lines the user must see before accepting its one hunk)
+    "rename": ("diff --git a/src/auth.py b/docs/auth-notes.md\nsimilarity index 90%\nrename from src/auth.py\nrename to docs/auth-notes.md\n--- a/src/auth.py\n+++ b/docs/auth-notes.md\n@@ -1,2 +1,2 @@\n-def login(user):\n+Notes: def login(user):\n     return check(user)\n", ["rename from src/auth.py", "rename to docs/auth-notes.md"]),
+    "two-names": ("diff --git a/src/auth.py b/docs/auth-notes.md\n--- a/src/auth.py\n+++ b/docs/auth-notes.md\n@@ -1,2 +1,2 @@\n-def login(user):\n+Notes: def login(user):\n     return check(user)\n", ["--- a/src/auth.py", "+++ b/docs/auth-notes.md"]),
+    "deletion": ("diff --git a/src/auth.py b/src/auth.py\ndeleted file mode 100644\n--- a/src/auth.py\n+++ /dev/null\n@@ -1,2 +0,0 @@\n-def login(user):\n-    return check(user)\n", ["deleted file mode 100644"]),
+    "mode": ("diff --git a/src/auth.py b/src/auth.py\nold mode 100755\nnew mode 100644\n--- a/src/auth.py\n+++ b/src/auth.py\n@@ -1,2 +1,2 @@\n-def login(user):\n+def login(user):  # tidy\n     return check(user)\n", ["old mode 100755", "new mode 100644"]),
+}
+
+
+@pytest.mark.parametrize(("diff", "header"), HEADERS_WITH_A_HUNK.values(), ids=HEADERS_WITH_A_HUNK.keys())
+async def test_review_shows_a_file_header_before_its_hunks(tmp_path: Path, diff: str, header: list[str]) -> None:
+    """The review's replay: a rename with a small hunk was shown as `docs/auth-notes.md: hunk 1 of 1`, and after `y` src/auth.py was gone; now the header comes first, and the tool line names both files."""
+    root = workspace(tmp_path)
+    (root / "src").mkdir()
+    (root / "src" / "auth.py").write_text(AUTH)
+    (root / "src" / "auth.py").chmod(0o755 if "old mode 100755" in diff else 0o644)
+    ui = io.StringIO()
+    value = await Workspace(root, ask=scripted("y"), ui=ui).call("apply_patch_review", {"diff": diff})
+    shown = ui.getvalue()
+    assert all(-1 < shown.find(line) < shown.index("@@ ") for line in header), shown
+    assert all(path in ide.describe("apply_patch_review", {"diff": diff}, value) for path in value["files"])
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. All or nothing, for real
 # ---------------------------------------------------------------------------------------------
