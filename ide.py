@@ -222,6 +222,7 @@ class Change:
     path: str  # workspace-relative, as the tool was given it
     data: bytes | None
     mode: int | None = None  # permission bits; None keeps the old file's, or NEW_FILE_MODE for a new one
+    follow: bool = True  # False: a symlink at the path's end is refused, not followed (a patch's results)
 
 
 @dataclass
@@ -699,7 +700,7 @@ class Workspace:
 
     # -- paths: every tool finds its files through walk() -------------------------------------------
 
-    def walk(self, path: Any) -> tuple[int, list[str], str]:
+    def walk(self, path: Any, follow: bool = True) -> tuple[int, list[str], str]:
         """Find a workspace path without ever leaving the workspace: (an open descriptor of the
         directory that holds it, the directories still to be made below that one, its name).
 
@@ -710,6 +711,7 @@ class Workspace:
         stays inside, outside_workspace once it leaves; so is `..` above the root, and any name
         `.git`. A missing directory is walked by name (`new/../x` is x), so an escape through
         one is refused before anything is made. The name is "." when the path ends on a directory.
+        With `follow` false, a symlink as the path's last component is not followed: it is the name.
         """
         if not isinstance(path, str) or not path or "\0" in path:
             raise ToolError("invalid_arguments", f"path must be a non-empty string, got {path!r}")
@@ -735,7 +737,7 @@ class Workspace:
                 if name.casefold() == ".git":  # casefold: macOS and Windows disks ignore case
                     raise ToolError("outside_workspace", f"{path!r} is inside .git: the repository's own files are off limits to every tool (git_diff reads the repository)")
                 last = all(part in ("", ".") for part in parts)
-                target = None if missing else readlink(name, fds[-1])
+                target = None if missing or (last and not follow) else readlink(name, fds[-1])
                 if target is not None:
                     links += 1
                     if links > MAX_SYMLINKS:
@@ -772,6 +774,17 @@ class Workspace:
         while len(fds) > 1:
             os.close(fds.pop())
         return target[len(root) :].split("/")
+
+    def is_link(self, path: str) -> bool:
+        """Whether the path's last component is a symlink (the directories before it are walked as ever)."""
+        try:
+            dir_fd, missing, name = self.walk(path, follow=False)
+        except OSError:  # a loop, or a file where a directory should be
+            return False
+        try:
+            return not missing and readlink(name, dir_fd) is not None
+        finally:
+            os.close(dir_fd)
 
     def check(self, path: Any) -> None:
         """Refuse a path that leaves the workspace or enters .git; it need not exist."""
@@ -839,7 +852,7 @@ class Workspace:
         """Walk to the change's file, make its missing directories, write its temp file."""
         item: Staged | None = None
         try:
-            dir_fd, missing, name = self.walk(change.path)
+            dir_fd, missing, name = self.walk(change.path, change.follow)
             item = Staged(change.path, name, [dir_fd])
             if name == ".":
                 raise ToolError("is_directory", f"{change.path!r} is a directory")
@@ -1001,6 +1014,8 @@ class Workspace:
             self.check(path)
             if any(part in ("", ".", "..") for part in path.split("/")):  # git refuses them too; copy_out must not meet them
                 raise ToolError("patch_invalid", f"the diff names the path {path!r}; paths in a patch are plain, without . or ..")
+            if self.is_link(path):  # git would change the link; the copy, and so the write, would be of what it points to
+                raise ToolError("patch_invalid", f"{path!r} is a symlink, which a patch does not change here (change the file it points to by its own name). Nothing was changed.")
         shown = {path for file in files for path in file.paths if path != "/dev/null"}
         if reviewed and set(paths) != shown:
             raise ToolError("patch_invalid", f"git reads this diff as changing {', '.join(map(repr, paths))}, but its headers show {', '.join(map(repr, sorted(shown)))}; send each file's section with its own `diff --git` header. Nothing was changed.")
@@ -1062,7 +1077,7 @@ class Workspace:
                 info = os.lstat(copy)
             except FileNotFoundError:
                 if path in originals:
-                    changes.append(Change(path, None))  # deleted, or renamed away
+                    changes.append(Change(path, None, follow=False))  # deleted, or renamed away
                 continue
             if not stat.S_ISREG(info.st_mode):
                 made = "a symlink" if stat.S_ISLNK(info.st_mode) else "something other than a file"
@@ -1075,7 +1090,7 @@ class Workspace:
             if mode & 0o111 and not (old and old[1] & 0o111):
                 raise ToolError("patch_invalid", f"{path}: the patch makes it executable, which this IDE does not do (ask the user to chmod it). Nothing was changed.")
             keep = old[1] if old else NEW_FILE_MODE
-            changes.append(Change(path, data, keep if mode & 0o111 else keep & ~0o111))
+            changes.append(Change(path, data, keep if mode & 0o111 else keep & ~0o111, follow=False))
         return changes
 
     async def apply_patch(self, params: dict[str, Any]) -> dict[str, Any]:

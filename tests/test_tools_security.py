@@ -331,6 +331,26 @@ async def test_renames_symlinks_and_executables_are_refused(stack: Stack, tmp_pa
     assert git(root, "status", "--porcelain") == "" and (root / "notes.txt").stat().st_mode & 0o111 == 0
 
 
+THROUGH_A_LINK = {  # alias.txt -> important.txt, inside the workspace
+    "delete": "diff --git a/alias.txt b/alias.txt\ndeleted file mode 100644\n--- a/alias.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-keep me\n",
+    "rename": "diff --git a/alias.txt b/moved.txt\nsimilarity index 100%\nrename from alias.txt\nrename to moved.txt\n",
+    "change": "diff --git a/alias.txt b/alias.txt\n--- a/alias.txt\n+++ b/alias.txt\n@@ -1 +1 @@\n-keep me\n+changed\n",
+}
+
+
+@pytest.mark.parametrize("diff", THROUGH_A_LINK.values(), ids=THROUGH_A_LINK.keys())
+async def test_patch_through_a_symlink_is_refused(tmp_path: Path, diff: str) -> None:
+    """The review's replay: deleting the symlink alias.txt deleted important.txt, which it points to, and the result said alias.txt; now any patch path ending on a symlink is patch_invalid."""
+    root = workspace(tmp_path, **{"important.txt": "keep me\n"})
+    (root / "alias.txt").symlink_to("important.txt")
+    for tool in ("apply_patch", "apply_patch_review"):
+        with pytest.raises(ToolError) as caught:
+            await Workspace(root, policy=ide.YES).call(tool, {"diff": diff})
+        assert caught.value.name == "patch_invalid", caught.value.message
+    assert (root / "important.txt").read_text() == "keep me\n" and os.readlink(root / "alias.txt") == "important.txt"
+    assert sorted(p.name for p in root.iterdir()) == ["alias.txt", "important.txt"]
+
+
 async def test_rename_and_copy_inside_apply_and_list_both_names(tmp_path: Path) -> None:
     """A rename inside the workspace moves the file (both names listed); a copy leaves its source alone."""
     root = workspace(tmp_path, **{"a.txt": "one\n", "b.txt": "two\n"})
