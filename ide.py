@@ -1304,12 +1304,26 @@ def describe(method: str, params: dict[str, Any], value: dict[str, Any] | None =
     """A few words for the tool's log line: its path, base, files or question. For an applied
     patch, the files git changed, not the ones its headers name."""
     if method in ("apply_patch", "apply_patch_review") and value and value["files"]:
-        detail = " ".join(value["files"])
-    elif isinstance(params.get("diff"), str):
-        detail = " ".join(dict.fromkeys(file.path for file in parse_diff(params["diff"])))
-    else:
-        detail = params.get("path") or params.get("base") or params.get("message") or params.get("paths") or ""
-    return f"{method} {' '.join(str(detail).split())[:80]}".rstrip()
+        return f"{method} {file_list(value['files'])}"
+    if isinstance(params.get("diff"), str):
+        return f"{method} {file_list(list(dict.fromkeys(file.path for file in parse_diff(params['diff']))))}".rstrip()
+    detail = " ".join(str(params.get("path") or params.get("base") or params.get("message") or params.get("paths") or "").split())
+    return f"{method} {cut(detail)}".rstrip()
+
+
+def file_list(files: list[str], width: int = 80) -> str:
+    """`a.txt`, or `3 files: a.txt, b.txt, c.txt`; past `width` characters, `9 files: a, b, … (+7 more)`."""
+    shown: list[str] = []
+    for path in files:
+        if shown and len(", ".join([*shown, path])) > width:
+            break
+        shown.append(cut(path, width))
+    more = f", … (+{len(files) - len(shown)} more)" if len(shown) < len(files) else ""
+    return "".join(shown) if len(files) < 2 else f"{len(files)} files: {', '.join(shown)}{more}"
+
+
+def cut(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else text[:width] + "…"
 
 
 def outcome(method: str, value: dict[str, Any]) -> str:

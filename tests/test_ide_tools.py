@@ -768,6 +768,20 @@ def test_parse_diff_reads_quoted_and_renamed_paths() -> None:
     assert ide.parse_diff(rename)[0].path == "new.txt"
 
 
+@pytest.mark.parametrize(
+    ("files", "shown"),
+    [
+        (["src/auth.js"], "apply_patch src/auth.js"),
+        (["a.txt", "b.txt"], "apply_patch 2 files: a.txt, b.txt"),
+        ([f"src/module_{n:02d}.py" for n in range(12)], "apply_patch 12 files: src/module_00.py, src/module_01.py, src/module_02.py, src/module_03.py, … (+8 more)"),
+    ],
+    ids=["one", "two", "cut"],
+)
+def test_tool_line_counts_the_files_it_cannot_show(files: list[str], shown: str) -> None:
+    """The [tool] line names a patch's files; past 80 characters it says how many more there are (was: cut at 80 with no mark)."""
+    assert ide.describe("apply_patch", {"diff": ""}, {"applied": True, "files": files}) == shown
+
+
 # ---------------------------------------------------------------------------------------------
 # The client against a scripted gateway (a small local aiohttp app, as the real one would talk)
 # ---------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ async def test_hidden_file_section_is_reported_to_the_model(stack: Stack, tmp_pa
     root = workspace(tmp_path, **{"notes.txt": "hello\n"})
     done, got = ide_run(stack, root, calling("apply_patch", diff=HIDDEN.format(hidden="src/hidden.js")))
     assert got == {"applied": True, "files": ["notes.txt", "src/hidden.js"]}  # was: ["notes.txt"]
-    assert "[tool] apply_patch notes.txt src/hidden.js -> ok" in done.stderr
+    assert "[tool] apply_patch 2 files: notes.txt, src/hidden.js -> ok" in done.stderr
     assert (root / "src" / "hidden.js").read_text() == "evil\n"
 
 
