@@ -60,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -188,23 +189,37 @@ def is_unicode(value: Any) -> bool:
 # Showing what came from the model or the workspace
 # ---------------------------------------------------------------------------------------------
 
-# C0 controls (but tab and newline), DEL, C1 controls (0x9b is an 8-bit CSI), and the bidi
-# controls that reorder what a line shows (Trojan Source, CVE-2021-42574)
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-_UNSAFE_IN_A_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# What a terminal would not show as itself, and so is shown in caret or <U+XXXX> notation: C0
+# controls (but tab and newline), DEL, C1 controls (0x9b is an 8-bit CSI), and the characters of
+# these categories: format characters (Cf: the bidi controls that reorder a line, Trojan Source,
+# CVE-2021-42574; zero-width spaces and joiners, the soft hyphen, the BOM, tag characters), line
+# and paragraph separators (Zl, Zp), lone surrogates (Cs: written with surrogateescape, as under a
+# C locale, "\udcc2\udc9b" is the bytes C2 9B, an 8-bit CSI) and private-use characters (Co);
+# and the Hangul fillers, letters that show as blanks.
+_NOT_PRINTABLE_ASCII = re.compile("[^\t\n\x20-\x7e]")  # each is looked at by caret()
+_NOT_PRINTABLE_ASCII_IN_A_LINE = re.compile("[^\x20-\x7e]")
+HIDDEN_CATEGORIES = ("Cf", "Zl", "Zp", "Cs", "Co")
+HANGUL_FILLERS = "\u115f\u1160\u3164\uffa0"
+ZERO_WIDTH_JOINER = "\u200d"  # makes one emoji of several (woman, ZWJ, laptop): kept in text, shown in a line
 
 
 def visible(text: str, one_line: bool = False) -> str:
     """`text` made safe for a terminal: ESC shows as ^[, CR as ^M, DEL as ^? (as `cat -v` and
-    git's quoting of odd path names do), a C1 or bidi control as <U+202E>. Tabs and newlines
-    stay, unless `one_line`. Whatever ide.py shows from the model or the workspace goes through
-    it first, and colour is added after, so every escape sequence on screen is ide.py's own."""
-    return (_UNSAFE_IN_A_LINE if one_line else _UNSAFE).sub(caret, text)
+    git's quoting of odd path names do), a C1, bidi or zero-width character as <U+202E>. Tabs
+    and newlines stay, unless `one_line`. Whatever ide.py shows from the model or the workspace
+    goes through it first, and colour is added after, so every escape sequence on screen is
+    ide.py's own."""
+    pattern = _NOT_PRINTABLE_ASCII_IN_A_LINE if one_line else _NOT_PRINTABLE_ASCII
+    return pattern.sub(lambda match: caret(match.group(), one_line), text)
 
 
-def caret(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    return f"^{chr(code ^ 0x40)}" if code < 0x20 or code == 0x7F else f"<U+{code:04X}>"
+def caret(char: str, one_line: bool) -> str:
+    """One character visible() looked at: as itself, or in caret or <U+XXXX> notation."""
+    code = ord(char)
+    if code < 0x20 or code == 0x7F:
+        return f"^{chr(code ^ 0x40)}"
+    hidden = unicodedata.category(char) in HIDDEN_CATEGORIES and (one_line or char != ZERO_WIDTH_JOINER)
+    return f"<U+{code:04X}>" if code <= 0x9F or hidden or char in HANGUL_FILLERS else char
 
 
 # ---------------------------------------------------------------------------------------------

@@ -575,13 +575,28 @@ async def test_tokens_file_names_and_errors_show_hidden_controls(stack: Stack, t
         ("\x9b2J", "<U+009B>2J"),
         ("a\u202eb\u2066c", "a<U+202E>b<U+2066>c"),
         ("café ✓ 日本", "café ✓ 日本"),
+        ("\udcc2\udc9b31m", "<U+DCC2><U+DC9B>31m"),
+        ("rm\u200b -rf\u2060 \ufeff/\u00ad", "rm<U+200B> -rf<U+2060> <U+FEFF>/<U+00AD>"),
+        ("one\u2028two\u2029", "one<U+2028>two<U+2029>"),
+        ("a\u180eb\U000e0041\U000e007f", "a<U+180E>b<U+E0041><U+E007F>"),
+        ("\u3164\u115f\ue000", "<U+3164><U+115F><U+E000>"),
+        ("\U0001f469\u200d\U0001f4bb", "\U0001f469\u200d\U0001f4bb"),
     ],
-    ids=["tab-newline-kept", "esc", "cr-erase", "del-nul", "c1-csi", "bidi", "unicode-kept"],
+    ids=["tab-newline-kept", "esc", "cr-erase", "del-nul", "c1-csi", "bidi", "unicode-kept", "lone-surrogates", "zero-width", "separators", "tags", "fillers-private-use", "emoji-joiner-kept"],
 )
 def test_visible_makes_controls_visible(text: str, shown: str) -> None:
-    """visible(): C0, DEL, C1 and bidi controls in caret or <U+XXXX> notation; tabs, newlines and other text kept."""
+    """visible(): C0, DEL, C1, format (Cf), separator (Zl, Zp), surrogate and private-use characters and the Hangul fillers in caret or <U+XXXX> notation; tabs, newlines, other text, and the joiner of emoji in text, kept."""
     assert ide.visible(text) == shown
-    assert ide.visible("a\nb\tc", one_line=True) == "a^Jb^Ic"
+    assert ide.visible("a\nb\tc\u200dd", one_line=True) == "a^Jb^Ic<U+200D>d"
+
+
+@pytest.mark.parametrize("errors", ["surrogateescape", "strict"])
+def test_lone_surrogates_in_the_models_text_reach_stdout_visible(errors: str) -> None:
+    """The review's replay: "\udcc2\udc9b31m" streamed to a stdout that escapes surrogates (a C locale) was the bytes C2 9B, an 8-bit CSI; under strict UTF-8 it crashed the turn. Now it is <U+DCC2><U+DC9B>."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8", errors=errors)
+    ide.Screen(out, io.StringIO()).text("red: \udcc2\udc9b31m")
+    assert raw.getvalue() == b"red: <U+DCC2><U+DC9B>31m"
 
 
 # ---------------------------------------------------------------------------------------------
