@@ -433,6 +433,21 @@ def test_atomic_write_on_a_full_disk_writes_no_file(tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["a.txt", "b.txt"]  # no temp file, no new/ directory
 
 
+def test_a_patch_of_many_files_needs_few_descriptors(tmp_path: Path) -> None:
+    """600 files in two directories under a limit of 128 open files: the writer holds one descriptor per directory, not per file (was: EMFILE, io_error)."""
+    root = workspace(tmp_path)
+    diff = "".join(f"diff --git a/{d}/f{n}.txt b/{d}/f{n}.txt\nnew file mode 100644\n--- /dev/null\n+++ b/{d}/f{n}.txt\n@@ -0,0 +1 @@\n+{n}\n" for d in ("a", "b") for n in range(300))
+    script = (
+        "import asyncio, resource, sys, ide\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))\n"
+        f"value = asyncio.run(ide.Workspace({str(root)!r}).call('apply_patch', {{'diff': sys.stdin.read()}}))\n"
+        "print(len(value['files']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, input=diff, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.stdout == "600\n", done.stderr[-500:]
+    assert len(list((root / "b").iterdir())) == 300 and (root / "b" / "f299.txt").read_text() == "299\n"
+
+
 def test_rename_failing_part_way_names_what_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """When the second of three renames fails, io_error says exactly which file changed and which did not."""
     root = workspace(tmp_path, **{"a.txt": "old a\n", "b.txt": "old b\n", "c.txt": "old c\n"})
