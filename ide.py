@@ -1070,7 +1070,8 @@ class Workspace:
 
     def copy_out(self, paths: list[str], scratch: str) -> dict[str, tuple[bytes, int]]:
         """Copy each of `paths` that exists into scratch, as a plain file with its permission
-        bits: what git apply will see. Returns each copy's (content, mode)."""
+        bits: what git apply will see. Returns each copy's (content, mode). A file larger than
+        READ_SCAN_BYTES is file_too_large: a patch is applied in memory."""
         originals: dict[str, tuple[bytes, int]] = {}
         for path in paths:
             try:
@@ -1080,7 +1081,10 @@ class Workspace:
                     continue
                 raise ToolError("patch_failed", f"{path}: {exc.message}. Nothing was changed.") from None
             with os.fdopen(fd, "rb") as f:
-                originals[path] = (f.read(), stat.S_IMODE(os.fstat(f.fileno()).st_mode))
+                data = f.read(READ_SCAN_BYTES + 1)
+                if len(data) > READ_SCAN_BYTES:
+                    raise ToolError("file_too_large", f"{path} is larger than {READ_SCAN_BYTES >> 20} MiB, the most a patch is applied to. Nothing was changed.")
+                originals[path] = (data, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
             copy = os.path.join(scratch, path)
             os.makedirs(os.path.dirname(copy), exist_ok=True)
             with open(copy, "xb") as out:

@@ -586,6 +586,15 @@ async def test_apply_patch_header_outside_is_refused_and_nothing_touched(root: P
     assert (root / "src" / "auth.js").read_text() == AUTH_JS
 
 
+async def test_apply_patch_to_a_file_past_the_read_cap_is_file_too_large(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A patch names a file larger than READ_SCAN_BYTES: file_too_large, and the file is not read whole (was: read into memory whatever its size)."""
+    monkeypatch.setattr(ide, "READ_SCAN_BYTES", 1024)  # the same code, at a test's scale
+    (root / "big.txt").write_text("line\n" * 1000)
+    diff = "diff --git a/big.txt b/big.txt\n--- a/big.txt\n+++ b/big.txt\n@@ -1,2 +1,2 @@\n-line\n+first\n line\n"
+    assert (await fails(Workspace(root), "apply_patch", diff=diff)).name == "file_too_large"
+    assert (root / "big.txt").read_text() == "line\n" * 1000
+
+
 async def test_apply_patch_in_a_subdirectory_of_the_repo(repo: Path) -> None:
     """A workspace below the repository's top: its own relative paths apply (not silently skipped)."""
     diff = AUTH_PATCH.replace("src/auth.js", "auth.js")
