@@ -285,7 +285,7 @@ def hold(dirs: dict[tuple[int, int], int], fd: int) -> int:
 def write_temp(dir_fd: int, name: str, data: bytes, mode: int) -> str:
     """A new file beside `name` holding data, fsynced, with permission bits `mode`: its name."""
     while True:
-        temp = f".{name[:200]}.{os.urandom(4).hex()}.tmp"  # a name stays under NAME_MAX (255)
+        temp = f".{os.fsdecode(os.fsencode(name)[:200])}.{os.urandom(4).hex()}.tmp"  # under NAME_MAX, 255 bytes
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
             break
@@ -880,7 +880,7 @@ class Workspace:
             dir_fd, missing, name = self.walk(change.path, change.follow)
             dir_fd = hold(dirs, dir_fd)
             item = Staged(change.path, name, [dir_fd])
-            if name == ".":
+            if name == "." or change.path.endswith("/"):
                 raise ToolError("is_directory", f"{change.path!r} is a directory")
             old = None
             with contextlib.suppress(FileNotFoundError):

@@ -282,6 +282,19 @@ async def test_write_to_a_directory_is_is_directory(root: Path) -> None:
     assert files_under(root) == {"sub", "sub/keep.txt"}
 
 
+async def test_write_of_a_name_of_254_bytes(root: Path) -> None:
+    """A name near NAME_MAX in bytes, not characters, gets a temp file that fits (was: ENAMETOOLONG, io_error)."""
+    name = "é" * 127  # 254 bytes in UTF-8
+    assert (await call(Workspace(root), "write_file", path=name, content="x"))["created"] is True
+    assert [p.name for p in root.iterdir()] == [name]
+
+
+async def test_write_to_a_path_ending_in_a_slash_is_is_directory(root: Path) -> None:
+    """`sub/` names a directory: is_directory, and no file `sub` is made (was: a file named sub)."""
+    assert (await fails(Workspace(root), "write_file", path="sub/", content="x")).name == "is_directory"
+    assert list(root.iterdir()) == []
+
+
 async def test_write_below_a_file_is_io_error(root: Path) -> None:
     """A path whose parent is a file cannot be written: io_error, the file untouched."""
     (root / "a.txt").write_text("keep")
