@@ -22,7 +22,7 @@ a one-turn run with 1 (the prompt loop starts a new one); a takeover by another 
 (4409) stops it with 1, without taking the session back.
 
 The file reads top down: the six tools (Workspace, plain methods testable without a network),
-then the client (Connection, the socket kept up across drops; run_turn, one user message to its
+then the client (Connection, the socket kept up across drops; play_turn, one user message to its
 final or error), then the command line.
 Every tool call is treated as possibly hostile (a model obeys what it reads), so the tools keep
 these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops):
@@ -1595,7 +1595,7 @@ async def send_cancel(conn: Connection, cancel: asyncio.Event, turn: TurnResult,
     await conn.send_now(cancel_frame(turn))  # lost in a drop, it is sent again after the resume
 
 
-async def run_turn(
+async def play_turn(
     conn: Connection | aiohttp.ClientWebSocketResponse,
     prompt: str,
     workspace: Workspace,
@@ -1663,6 +1663,9 @@ async def run_turn(
             await asyncio.gather(canceller, return_exceptions=True)
         await conn.end_run()
     return turn
+
+
+run_turn = play_turn  # TEMPORARY, the old name: tests/test_tools_e2e.py still calls it; delete with that call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1753,7 +1756,7 @@ async def prompt_loop(conn: Connection, workspace: Workspace, terminal: Terminal
             turns += 1
             cancel = asyncio.Event()
             with ctrl_c_cancels(cancel):
-                await run_turn(conn, prompt, workspace, cancel=cancel, request_id=turns)
+                await play_turn(conn, prompt, workspace, cancel=cancel, request_id=turns)
         except EOFError:
             sys.stderr.write("\n")
             return EXIT_OK
@@ -1814,7 +1817,7 @@ async def run(args: argparse.Namespace) -> int:
             if args.prompt:
                 cancel = asyncio.Event()
                 with ctrl_c_cancels(cancel):
-                    turn = await run_turn(conn, " ".join(args.prompt), workspace, cancel=cancel)
+                    turn = await play_turn(conn, " ".join(args.prompt), workspace, cancel=cancel)
                 return turn.exit_code
             sys.stderr.write(f"workspace {workspace.root}; one line per turn, Ctrl-C cancels a turn, Ctrl-D quits\n")
             return await prompt_loop(conn, workspace, terminal)

@@ -52,7 +52,7 @@ async def test_demo_turn_reads_then_patches_and_remembers(stack: Stack, tmp_path
     async with aiohttp.ClientSession() as http:
         ws = await ide.connect(http, stack.ws_url, stack.token)
         # [delay:2] paces the fake model, so tokens arrive one by one instead of coalesced
-        turn = await ide.run_turn(ws, PROMPT + " [delay:2]", ide.Workspace(workspace), out=out, note=note)
+        turn = await ide.play_turn(ws, PROMPT + " [delay:2]", ide.Workspace(workspace), out=out, note=note)
         assert turn.status == "completed", (turn, note.getvalue())
         assert len(turn.tokens) >= 5
         assert turn.tools == ["read_file", "apply_patch"]
@@ -60,7 +60,7 @@ async def test_demo_turn_reads_then_patches_and_remembers(stack: Stack, tmp_path
         assert turn.content.startswith("Done: I added logging to src/auth.js")
         assert out.getvalue().startswith("I'll start by reading `src/auth.js`.\nHere is a patch")
 
-        second = await ide.run_turn(ws, "[scenario:chat] and what did I ask first?", ide.Workspace(workspace), out=io.StringIO(), note=io.StringIO(), request_id=2)
+        second = await ide.play_turn(ws, "[scenario:chat] and what did I ask first?", ide.Workspace(workspace), out=io.StringIO(), note=io.StringIO(), request_id=2)
         assert second.status == "completed"
         assert f"Earlier you said: {PROMPT} [delay:2]" in second.content
         assert second.session_id == turn.session_id and second.run_id != turn.run_id

@@ -862,7 +862,7 @@ async def test_turn_streams_tokens_answers_tools_and_completes(fake_gateway: Any
 
     ws, received = await fake_gateway(script)
     out, note = io.StringIO(), io.StringIO()
-    turn = await ide.run_turn(ws, "Add logging", Workspace(repo), out=out, note=note)
+    turn = await ide.play_turn(ws, "Add logging", Workspace(repo), out=out, note=note)
     assert (turn.status, turn.exit_code, turn.run_id, turn.session_id) == ("completed", 0, "run_1", "ses_1")
     assert turn.tokens == ["Reading", " done."] and turn.tools == ["read_file", "read_file"]
     assert out.getvalue() == "Reading\n done.\n"  # a tool note ends the line of text before it
@@ -885,7 +885,7 @@ async def test_unknown_request_gets_method_not_found(fake_gateway: Any, root: Pa
         await ws.receive()
 
     ws, received = await fake_gateway(script)
-    turn = await ide.run_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
+    turn = await ide.play_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
     assert received[1]["id"] == 42 and received[1]["error"]["code"] == -32601
     assert turn.status == "completed" and turn.tools == []
 
@@ -901,7 +901,7 @@ async def test_error_notification_ends_the_turn_non_zero(fake_gateway: Any, root
 
     ws, _ = await fake_gateway(script)
     note = io.StringIO()
-    turn = await ide.run_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=note)
+    turn = await ide.play_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=note)
     assert (turn.status, turn.code, turn.content, turn.exit_code) == ("error", "llm_unavailable", "proxy down", 1)
     assert "error [llm_unavailable]: proxy down" in note.getvalue()
 
@@ -927,7 +927,7 @@ async def test_cancel_event_sends_cancel_with_the_run_id(fake_gateway: Any, root
         cancel.set()
 
     presser = asyncio.create_task(press_ctrl_c())
-    turn = await ide.run_turn(ws, "hi", Workspace(root), out=out, note=io.StringIO(), cancel=cancel)
+    turn = await ide.play_turn(ws, "hi", Workspace(root), out=out, note=io.StringIO(), cancel=cancel)
     await presser
     assert received[1] == {"jsonrpc": "2.0", "method": "cancel", "params": {"run_id": "run_9"}}
     assert (turn.status, turn.exit_code) == ("cancelled", 1)
@@ -941,7 +941,7 @@ async def test_close_4401_is_a_token_error(fake_gateway: Any, root: Path) -> Non
 
     ws, _ = await fake_gateway(script)
     with pytest.raises(ClientExit) as caught:
-        await ide.run_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
+        await ide.play_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
     assert caught.value.status == ide.EXIT_USAGE and "wrong token" in str(caught.value)
 
 
@@ -955,7 +955,7 @@ async def test_dropped_connection_is_a_connection_error(fake_gateway: Any, root:
 
     ws, _ = await fake_gateway(script)
     with pytest.raises(ClientExit) as caught:
-        await ide.run_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
+        await ide.play_turn(ws, "hi", Workspace(root), out=io.StringIO(), note=io.StringIO())
     assert caught.value.status == ide.EXIT_CONNECTION and "1011" in str(caught.value)
 
 
