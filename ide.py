@@ -28,15 +28,18 @@ Every tool call is treated as possibly hostile (a model obeys what it reads), so
 these rules (PROTOCOL.md, "Security: the tools", names the attack each one stops):
   - a path is walked one directory at a time from the workspace's own descriptor, never
     following a symlink out of it (as openat2's RESOLVE_BENEATH and Go's os.Root do), so no
-    race can lead a read or write outside; `.git` is off limits to every tool;
+    race can lead a read or write outside; `.git` is off limits to every tool, and so is any
+    file git would take for a repository's own (a HEAD naming a ref, a config beside a HEAD);
   - every write, write_file's and a patch's, goes through one atomic writer, all or nothing;
-  - git itself says which files a patch touches; the patch is applied to copies of them in a
-    private directory, and only the results, each path-checked, are written back;
+  - git itself says which files a patch touches, and a reviewed patch must read to git as the
+    user was shown it; the patch is applied to copies of those files in a private directory,
+    outside any repository, and only the results, each path-checked, are written back;
   - git runs from an argument list, with settings that keep the repository's config from
     naming a command for it to run;
   - reads are bounded (bytes scanned, lines and bytes returned) and run off the event loop;
-  - whatever came from the model or the workspace is shown with its control characters made
-    visible (ESC as ^[), so it cannot drive the terminal; colours are ide.py's own.
+  - whatever came from the model or the workspace is shown with its control and invisible
+    characters made visible (ESC as ^[, U+200B as <U+200B>), so it cannot drive the terminal
+    or hide a line; colours are ide.py's own.
 
 Left out: an editor UI, several conversations per socket, binary patches, and
 Windows (the path walk needs POSIX's dir_fd calls; a port would open relative to a handle).
@@ -1032,7 +1035,8 @@ class Workspace:
                     added, deleted, path = entry.decode("utf-8").split("\t", 2)
                 except (ValueError, UnicodeDecodeError):
                     raise ToolError("patch_invalid", f"git reads a path in this diff that is not UTF-8: {entry!r:.100}") from None
-                sections += [] if reverse else [f"{path} +{added} -{deleted}"]
+                if not reverse:
+                    sections.append(f"{path} +{added} -{deleted}")
                 if path not in paths:
                     paths.append(path)
         for path in paths:
