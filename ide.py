@@ -1669,7 +1669,6 @@ async def play_turn(
     return turn
 
 
-run_turn = play_turn  # TEMPORARY, the old name: tests/test_tools_e2e.py still calls it; delete with that call
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ async def drive(stack: Stack, root: Path, prompt: str, **workspace_kwargs: Any) 
     workspace = ide.Workspace(root, **{"ui": io.StringIO(), **workspace_kwargs})
     async with aiohttp.ClientSession() as http:
         async with await ide.connect(http, stack.ws_url, stack.token) as ws:
-            turn = await asyncio.wait_for(ide.run_turn(ws, prompt, workspace, out=io.StringIO(), note=io.StringIO()), TURN_TIMEOUT_S)
+            turn = await asyncio.wait_for(ide.play_turn(ws, prompt, workspace, out=io.StringIO(), note=io.StringIO()), TURN_TIMEOUT_S)
     assert turn.status == "completed", turn
     _, found, returned = turn.content.partition(" returned: ")
     return turn, json.loads(returned) if found else None
