@@ -33,7 +33,7 @@ import pytest
 
 import ide
 from conftest import Stack, start_stack
-from wsclient import ToolHandler, collect_turn, recv, send, texts, user_message
+from wsclient import Frame, ToolHandler, agent_runs, call_marker, collect_turn, connect, get_json, is_end, is_tool_request, read_file_result, recv, send, start_turn, texts, token_text, unique, until, user_message
 
 # ---------------------------------------------------------------------------------------------
 # Bounds and knobs. Every time below is a generous hang bound for a loaded 2-core machine, except
@@ -60,7 +60,6 @@ FUZZ_TIME_S = 30.0  # stop sending after this long, however many were sent
 FUZZ_PING_S = 5.0  # each frame's replies end with the answer to a ping sent after it
 
 MakeStack = Callable[..., Stack]  # conftest's make_stack(env=None, only=(...)) -> Stack
-Frame = dict[str, Any]  # one JSON-RPC frame as received
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -82,31 +81,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, stack_mode: str) -> Iterator
     s.stop()
 
 
-def unique(text: str) -> str:
-    """The text with a nonce, so fake_llm's per-message attempt counts start at zero."""
-    return f"{text} #{uuid.uuid4().hex[:8]}"
-
-
-def call_marker(name: str, **arguments: Any) -> str:
-    """fake_llm's `[call:{...}]`: call tool `name` (OpenAI name), then echo what came back."""
-    return "[call:" + json.dumps({"name": name, "arguments": arguments}) + "]"
-
-
-def token_text(count: int) -> str:
-    """What fake_llm's `[tokens:N]` streams, whole."""
-    return "".join(f" t{i}" for i in range(count))
-
-
-async def connect(http: aiohttp.ClientSession, stack: Stack) -> aiohttp.ClientWebSocketResponse:
-    return await http.ws_connect(stack.ws_url, headers={"Authorization": f"Bearer {stack.token}"})
-
-
 async def start_run(ws: aiohttp.ClientWebSocketResponse, content: str, id: int = 1) -> str:
     """Send a user_message request; return the run_id of its result, which comes first."""
-    await send(ws, user_message(content, id))
-    reply = await recv(ws, OUTCOME_S)
-    assert reply.get("id") == id and "result" in reply, f"expected the result of request {id}, got {reply}"
-    return str(reply["result"]["run_id"])
+    return str((await start_turn(ws, content, id, OUTCOME_S))["run_id"])
 
 
 async def turn(ws: aiohttp.ClientWebSocketResponse, content: str, on_tool: ToolHandler | None = None, id: int = 1, bound: float = OUTCOME_S) -> tuple[str, list[Frame]]:
@@ -124,24 +101,6 @@ def tool_requests(frames: list[Frame]) -> list[Frame]:
     return [f for f in frames if "method" in f and "id" in f]
 
 
-async def until(ws: aiohttp.ClientWebSocketResponse, wanted: Callable[[Frame], bool], frames: list[Frame], bound: float = OUTCOME_S) -> Frame:
-    """Read frames (kept in `frames`) until one is `wanted`; return it."""
-    deadline = time.monotonic() + bound
-    while True:
-        frame = await recv(ws, max(0.01, deadline - time.monotonic()))
-        frames.append(frame)
-        if wanted(frame):
-            return frame
-
-
-def is_end(frame: Frame) -> bool:
-    return frame.get("method") in ("final", "error") and "id" not in frame
-
-
-def is_tool_request(frame: Frame) -> bool:
-    return "method" in frame and "id" in frame
-
-
 def is_token(frame: Frame) -> bool:
     return frame.get("method") == "token"
 
@@ -149,7 +108,7 @@ def is_token(frame: Frame) -> bool:
 async def answer_read_file(frame: Frame) -> Frame:
     """A test IDE that answers every read_file with a one-line file."""
     assert frame["method"] == "read_file", frame
-    return {"jsonrpc": "2.0", "id": frame["id"], "result": {"path": frame["params"].get("path"), "content": "hello\n", "start_line": 1, "end_line": 1, "total_lines": 1, "truncated": False}}
+    return read_file_result(frame)
 
 
 async def assert_socket_usable(ws: aiohttp.ClientWebSocketResponse, id: int = 99) -> None:
@@ -159,12 +118,6 @@ async def assert_socket_usable(ws: aiohttp.ClientWebSocketResponse, id: int = 99
     end = frames[-1]
     assert end["method"] == "final" and end["params"]["status"] == "completed", end
     assert end["params"]["content"].startswith(f"You said: {content}."), end
-
-
-async def get_json(http: aiohttp.ClientSession, url: str) -> dict[str, Any]:
-    async with http.get(url) as response:
-        assert response.status == 200, (url, response.status)
-        return await response.json()
 
 
 def agent_names(stack: Stack) -> list[str]:
@@ -185,12 +138,6 @@ def restart_agents(stack: Stack) -> None:
         except OSError:
             assert time.monotonic() < deadline, f"nginx does not route to the restarted agents after {SETTLE_S} s"
             time.sleep(0.1)
-
-
-async def agent_runs(http: aiohttp.ClientSession, stack: Stack) -> int:
-    """Runs in progress, summed over every agent replica (there are two in REFAGENT_TEST_MODE=redis)."""
-    replicas = [service for name, service in stack.services.items() if name.startswith("agent")]
-    return sum([(await get_json(http, f"{service.url}/healthz"))["runs"] for service in replicas])
 
 
 async def fake_stats(http: aiohttp.ClientSession, stack: Stack) -> dict[str, int]:
@@ -392,13 +339,13 @@ async def test_ide_never_answers_model_told_tool_timeout_late_answer_harmless(ma
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt") + " [delay:50]"))
         frames: list[Frame] = []
-        request = await until(ws, is_tool_request, frames)
+        request = await until(ws, is_tool_request, frames, OUTCOME_S)
         # The first token after the request is the model's next reply, so the timeout has fired and
         # the run is still going: the late answer arrives exactly when it could do harm.
         await until(ws, is_token, frames, TOOL_TIMEOUT_S + OUTCOME_S)
         late = await answer_read_file(request)
         await send(ws, late)
-        end = await until(ws, is_end, frames)
+        end = await until(ws, is_end, frames, OUTCOME_S)
         assert end["method"] == "final" and end["params"]["status"] == "completed", end
         assert end["params"]["run_id"] == run_id
         assert '"tool_timeout"' in end["params"]["content"], end
@@ -422,10 +369,10 @@ WHILE = {
 async def reach(ws: aiohttp.ClientWebSocketResponse, moment: str, frames: list[Frame]) -> None:
     """Read until the run is in `moment`: a tool request pending, or tokens flowing."""
     if moment == "tool_wait":
-        await until(ws, is_tool_request, frames)
+        await until(ws, is_tool_request, frames, OUTCOME_S)
     else:
         for _ in range(3):
-            await until(ws, is_token, frames)
+            await until(ws, is_token, frames, OUTCOME_S)
 
 
 @pytest.mark.parametrize("moment", list(WHILE))
@@ -454,7 +401,7 @@ async def test_cancel_ends_run_within_200ms_and_aborts_upstream(stack: Stack, mo
         await reach(ws, moment, frames)
         sent = time.monotonic()
         await send(ws, {"jsonrpc": "2.0", "method": "cancel", "params": {"run_id": run_id}})
-        end = await until(ws, is_end, frames)
+        end = await until(ws, is_end, frames, OUTCOME_S)
         latency = time.monotonic() - sent
         print(f"cancel latency while {moment}: {latency * 1000:.1f} ms")
         assert end["method"] == "final" and end["params"]["status"] == "cancelled", end
@@ -472,7 +419,7 @@ async def cancel_at_once(http: aiohttp.ClientSession, stack: Stack, content: str
     run_id = await start_run(ws, content)
     await send(ws, {"jsonrpc": "2.0", "method": "cancel", "params": {"run_id": run_id}})
     try:
-        return await until(ws, is_end, [])
+        return await until(ws, is_end, [], OUTCOME_S)
     except TimeoutError:
         runs = await agent_runs(http, stack)
         raise AssertionError(f"no final or error within {OUTCOME_S} s of cancel (agent runs: {runs})") from None
@@ -543,11 +490,11 @@ async def test_agent_stopped_mid_run_ends_run_with_error_then_recovers(make_stac
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
         frames: list[Frame] = []
-        await until(ws, is_tool_request, frames)
+        await until(ws, is_tool_request, frames, OUTCOME_S)
         for agent in stack.replicas("agent"):
             agent.process.terminate()  # what a restart does first; Service.stop() would SIGKILL after 5 s
         try:
-            end = await until(ws, is_end, frames)
+            end = await until(ws, is_end, frames, OUTCOME_S)
         except TimeoutError:
             raise AssertionError(f"no final or error within {OUTCOME_S} s of SIGTERM to the agents") from None
         assert end["params"]["run_id"] == run_id, end
@@ -569,9 +516,9 @@ async def test_silent_agent_ends_run_after_agent_read_timeout_and_run_is_cancell
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
         frames: list[Frame] = []
-        await until(ws, is_tool_request, frames)
+        await until(ws, is_tool_request, frames, OUTCOME_S)
         waiting = time.monotonic()
-        error = await until(ws, is_end, frames)
+        error = await until(ws, is_end, frames, OUTCOME_S)
         assert 0.5 <= time.monotonic() - waiting < 5
         assert error["method"] == "error" and error["params"]["run_id"] == run_id, error
         assert error["params"]["code"] == "agent_stream_broken", error
@@ -587,10 +534,10 @@ async def test_agent_heartbeat_keeps_a_long_tool_wait_alive(make_stack: MakeStac
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
         frames: list[Frame] = []
-        request = await until(ws, is_tool_request, frames)
+        request = await until(ws, is_tool_request, frames, OUTCOME_S)
         await asyncio.sleep(1.5)  # three read timeouts
         await send(ws, await answer_read_file(request))
-        end = await until(ws, is_end, frames)
+        end = await until(ws, is_end, frames, OUTCOME_S)
         assert end["method"] == "final" and end["params"]["status"] == "completed", end
         assert end["params"]["run_id"] == run_id
         await assert_nothing_left(http, stack)
@@ -641,9 +588,9 @@ async def test_user_message_during_run_is_rejected_and_first_run_completes(stack
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique("[tokens:200] [delay:5]"), id=1)
         frames: list[Frame] = []
-        await until(ws, is_token, frames)
+        await until(ws, is_token, frames, OUTCOME_S)
         await send(ws, user_message(unique("[scenario:chat] me too"), id=2))
-        end = await until(ws, is_end, frames)
+        end = await until(ws, is_end, frames, OUTCOME_S)
         replies = [f for f in frames if f.get("id") == 2]
         assert len(replies) == 1 and "error" in replies[0], replies
         assert replies[0]["error"]["code"] == -32000
@@ -766,7 +713,7 @@ async def test_tool_result_posted_to_agent_unknown_404_twice_409_run_unaffected(
         ws = await connect(http, stack)
         run_id = await start_run(ws, unique(call_marker("read_file", path="a.txt")))
         frames: list[Frame] = []
-        call_id = (await until(ws, is_tool_request, frames))["id"]
+        call_id = (await until(ws, is_tool_request, frames, OUTCOME_S))["id"]
         agent = stack["agent"].url
         answer = {"tool_call_id": call_id, "result": {"path": "a.txt", "content": "posted directly\n"}}
 
@@ -778,7 +725,7 @@ async def test_tool_result_posted_to_agent_unknown_404_twice_409_run_unaffected(
         assert await post(run_id, {**answer, "tool_call_id": "call_no_such_call"}) == 404
         assert await post(run_id, answer) == 200
         assert await post(run_id, answer) == 409
-        end = await until(ws, is_end, frames)
+        end = await until(ws, is_end, frames, OUTCOME_S)
         assert end["method"] == "final" and end["params"]["status"] == "completed", end
         assert "posted directly" in end["params"]["content"]
         assert len(tool_requests(frames)) == 1
