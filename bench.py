@@ -4,7 +4,7 @@
                                                 ⇅ redis-server (the "redis" stack)
     direct:    bench (as a bare OpenAI client) ───────────────────→ fake_llm
 
-Run:  python bench.py [--quick] [--redis] [--baseline DIR] [--rounds R] [--only PARTS] [--levels 1,10,100]
+Run:  python bench.py [--quick] [--redis] [--scale] [--baseline DIR] [--rounds R] [--only PARTS] [--levels 1,10,100]
 
 It starts the four services as real processes on free loopback ports, the way tests/conftest.py
 does (`python NAME.py --port P`, wiring in the environment, ready when /healthz answers), plays
@@ -19,6 +19,10 @@ Stacks, compared side by side in one run:
 - "redis" (--redis): the same code with the agent on Redis: REDIS_URL names a redis-server
   this bench starts on a free port (tests/servers.py, no persistence). One agent and one
   gateway, as in "memory", so that the two differ by the store alone and not by a balancer.
+- "scale" (--scale, with "redis" as its yardstick): two gateways and two agents, the agents on
+  one redis-server, nginx in front of both (tests/nginx_server.py runs deploy/nginx.sh, as
+  Procfile.scale does). The IDE connects to nginx; its CPU (master and workers) counts. The
+  "agent + llm_proxy" TTFT path posts to the first agent directly.
 - "baseline" (--baseline DIR): the services of another checkout (`git worktree add DIR COMMIT`),
   to compare the code before and after a change. `--baseline .` runs this checkout twice: the
   A/A spread, what two identical stacks differ by on this machine.
@@ -27,8 +31,8 @@ All stacks run at the same time, idle but the one being measured, and every part
 samples from each of them in turn (TTFT and tool turns one turn each, throughput one run each,
 drops one each, concurrency one level each), so a slow spell of the shared machine falls on all
 alike. `--rounds R` measures every part R times: each figure is then the median of the R rounds
-with [min, max] beside it, and each pair (memory against baseline, redis against memory) gets
-its ratio and difference taken round by round, then the median and range of those.
+with [min, max] beside it, and each pair (memory against baseline, redis against memory, scale
+against redis) gets its ratio and difference taken round by round, then their median and range.
 
 What it measures, and how:
 
@@ -56,9 +60,9 @@ What it measures, and how:
    end at a first token that crossed the whole downstream path, so that path's latency cancels
    out. Added pX = pX(P) - pX(Q).
 4. CPU per streamed token: the CPU time of every process that does the pipeline's work
-   (gateway, agent and llm_proxy; and redis-server in the "redis" stack), each read through its
-   POSIX process CPU clock (the sum the kernel keeps for /proc/<pid>/stat, in nanoseconds
-   instead of 10 ms ticks), over a measurement, divided by the tokens the IDE received.
+   (gateway, agent and llm_proxy; redis-server and nginx where a stack has them), each read
+   through its POSIX process CPU clock (the sum the kernel keeps for /proc/<pid>/stat, in
+   nanoseconds instead of 10 ms ticks), over a measurement, divided by the tokens the IDE received.
    Reported for the one-stream run and for each concurrency level, in total and per process.
 5. Resume (CONTRACT v2): a session streams `[tokens:300] [delay:5]`; once the IDE holds
    DROP_AFTER token notifications it stops reading, and DROP_STALL_S later its socket is
@@ -87,7 +91,7 @@ What it measures, and how:
 Prints, for each stack, a table with each figure next to its target and a pass/miss mark;
 with more than one stack, a table of the pairs side by side; then one line of JSON with every
 figure (the last line of stdout): the "memory" stack's under their own names, the others' as
-"redis.NAME" and "baseline.NAME" (medians over the rounds). A miss never fails the run: this
+"redis.NAME", "scale.NAME" and "baseline.NAME" (medians over the rounds). A miss never fails the run: this
 is a benchmark, not a timed test. The exit status is 1 only when the bench itself could not run.
 
 Left out: a real model (its seconds would drown the pipeline's milliseconds), TLS, a network
@@ -125,6 +129,7 @@ from agent import LLM_MODEL, SYSTEM_PROMPT
 from protocol import DONE_DATA, ERROR, FINAL, METHOD_NOT_FOUND, RESUME, TOKEN, USER_MESSAGE, dumps, iter_sse, openai_tools, request, result
 
 sys.path.append(str(Path(__file__).resolve().parent / "tests"))
+from nginx_server import Nginx, start_nginx  # noqa: E402  (tests/nginx_server.py: deploy/nginx.sh, as Procfile.scale runs it)
 from servers import RedisServer, start_redis  # noqa: E402  (tests/servers.py: the redis-server the tests start too)
 
 # ---------------------------------------------------------------------------------------------
@@ -134,9 +139,10 @@ from servers import RedisServer, start_redis  # noqa: E402  (tests/servers.py: t
 ROOT = Path(__file__).resolve().parent
 PARTS = ("ttft", "throughput", "tool", "resume", "concurrency")  # what --only chooses from, in running order
 SERVICES = ("fake_llm", "llm_proxy", "agent", "gateway")  # started in this order, upstream first
-MEASURED = ("gateway", "agent", "llm_proxy")  # whose CPU and memory the targets are about (and redis-server's, when there is one)
+REPLICAS = 2  # --scale: agents and gateways each, behind nginx, the agents on one redis-server
+PROCESSES = ("gateway", "gateway2", "agent", "agent2", "llm_proxy", "redis", "nginx")  # whose CPU and memory count (those a stack has), in report order
 PRIMARY = "memory"  # the stack whose figures keep their plain names in the JSON line
-PAIRS = (("memory", "baseline"), ("redis", "memory"))  # (stack, reference): each row shows stack / reference and stack - reference
+PAIRS = (("memory", "baseline"), ("redis", "memory"), ("scale", "redis"))  # (stack, reference): rows show stack / reference and stack - reference
 TOKEN_SECRET = "bench-" + os.urandom(8).hex()  # GATEWAY_TOKEN for this run
 START_TIMEOUT_S = 20.0  # generous: a cold 2-core machine imports four services at once
 TURN_TIMEOUT_S = 30.0  # a hang bound for one turn or one frame, never a speed assertion
@@ -196,6 +202,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kind_of(name: str) -> str:
+    """The service a replica runs: "agent2" -> "agent"."""
+    return name.rstrip("0123456789")
+
+
 @dataclass
 class Service:
     name: str
@@ -229,32 +240,49 @@ class Service:
 
 @dataclass
 class Stack:
-    """fake_llm -> llm_proxy -> agent -> gateway, each a real process on a free port; and the
-    agent's redis-server in the "redis" stack."""
+    """fake_llm -> llm_proxy -> agent -> gateway, each a real process on a free port; the agent's
+    redis-server in the "redis" stack; in the "scale" stack two of each, nginx in front of both:
 
-    label: str  # "memory", "redis" or "baseline"
+        bench ⇄ nginx ⇄ gateway, gateway2 → nginx → agent, agent2 (⇅ redis-server) → llm_proxy → fake_llm
+    """
+
+    label: str  # "memory", "redis", "scale" or "baseline"
     root: Path  # the checkout its services run from
-    services: dict[str, Service] = field(default_factory=dict)
+    services: dict[str, Service] = field(default_factory=dict)  # replicas as "agent2", "gateway2"
     redis: RedisServer | None = None
+    nginx: Nginx | None = None
     resumable: bool = False  # its gateway knows `resume` (CONTRACT v2); set once it runs
 
     def __getitem__(self, name: str) -> Service:
         return self.services[name]
 
+    def replicas(self, kind: str) -> list[Service]:
+        """The services of one kind: replicas("agent") -> [agent, agent2]."""
+        return [service for name, service in self.services.items() if kind_of(name) == kind]
+
     @property
     def measured(self) -> tuple[str, ...]:
-        """The processes that do the pipeline's work: their CPU is the "CPU per token"."""
-        return (*MEASURED, "redis") if self.redis is not None else MEASURED
+        """The processes that do the pipeline's work (all but fake_llm): their CPU is the "CPU per token"."""
+        present = {*self.services, *(["redis"] if self.redis else []), *(["nginx"] if self.nginx else [])}
+        return tuple(name for name in PROCESSES if name in present)
 
-    def pid(self, name: str) -> int:
-        """A service's pid, or redis-server's for "redis"."""
+    def pids(self, name: str) -> list[int]:
+        """A service's pid; redis-server's for "redis"; nginx's master and workers for "nginx"."""
         if name == "redis":
             assert self.redis is not None and self.redis.process is not None
-            return self.redis.process.pid
-        return self.services[name].process.pid
+            return [self.redis.process.pid]
+        if name == "nginx":
+            assert self.nginx is not None and self.nginx.process is not None
+            master = self.nginx.process.pid
+            children = Path(f"/proc/{master}/task/{master}/children").read_text().split()  # the workers
+            return [master, *map(int, children)]
+        return [self.services[name].process.pid]
 
     @property
     def ws_url(self) -> str:
+        """Where the IDE connects: nginx when it fronts the gateways, else the one gateway."""
+        if self.nginx is not None:
+            return self.nginx.ws_url
         return f"ws://127.0.0.1:{self['gateway'].port}/ws"
 
     @property
@@ -268,25 +296,32 @@ class Stack:
         status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "*.py"], capture_output=True, text=True).stdout
         changed = [line[3:] for line in status.splitlines()]  # "XY path"
         store = f"the agent on Redis ({self.redis.url})" if self.redis is not None else "the agent's store in memory"
+        if self.nginx is not None:
+            store = f"{REPLICAS} gateways and {REPLICAS} agents behind nginx, the agents on Redis ({self.redis.url if self.redis else '?'})"
         return f"{self.label}: {self.root} at {commit}{' with changes to ' + ', '.join(changed) if changed else ''}, {store}"
 
     def stop(self) -> None:
         for service in reversed(self.services.values()):
             service.stop()
+        if self.nginx is not None:
+            self.nginx.stop()
         if self.redis is not None:
             self.redis.stop()
 
 
-def start_stack(log_dir: Path, label: str, root: Path = ROOT, redis: bool = False) -> Stack:
+def start_stack(log_dir: Path, label: str, root: Path = ROOT, redis: bool = False, replicas: int = 1) -> Stack:
     """Start the four services of `root` wired to each other (and a redis-server for the agent
-    if `redis`); return without waiting for them (wait_ready), so stacks start side by side.
+    if `redis`; `replicas` agents and gateways behind nginx if more than one); return without
+    waiting for them (wait_ready), so stacks start side by side.
 
     Not tests/conftest.py's start_stack: this one runs any checkout's services (--baseline),
     including ones from before the scaled stacks that conftest now knows.
     """
     log_dir = log_dir / label
     log_dir.mkdir()
-    ports = {name: free_port() for name in SERVICES}
+    names = ["fake_llm", "llm_proxy", *(f"agent{i if i > 1 else ''}" for i in range(1, replicas + 1)),
+             *(f"gateway{i if i > 1 else ''}" for i in range(1, replicas + 1))]  # fmt: skip
+    ports = {name: free_port() for name in names}
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",
@@ -303,13 +338,16 @@ def start_stack(log_dir: Path, label: str, root: Path = ROOT, redis: bool = Fals
     }
     stack = Stack(label, root)
     try:
-        if redis:
+        if redis or replicas > 1:
             stack.redis = start_redis(log_dir)
             env["REDIS_URL"] = stack.redis.url
-        for name in SERVICES:
+        if replicas > 1:
+            stack.nginx = start_nginx(log_dir, [ports[n] for n in names if kind_of(n) == "gateway"], [ports[n] for n in names if kind_of(n) == "agent"])
+            env["AGENT_URL"] = stack.nginx.agent_url
+        for name in names:
             log_path = log_dir / f"{name}.log"
             process = subprocess.Popen(
-                [sys.executable, str(root / f"{name}.py"), "--port", str(ports[name])],
+                [sys.executable, str(root / f"{kind_of(name)}.py"), "--port", str(ports[name])],
                 cwd=root, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
             )  # fmt: skip
             stack.services[name] = Service(name, ports[name], process, log_path)
@@ -367,8 +405,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def cpu_snapshot(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of each process of the stack (redis-server as "redis") and of the bench itself."""
-    snapshot = {name: cpu_seconds(stack.pid(name)) for name in (*stack.services, *(["redis"] if stack.redis else []))}
+    """CPU seconds so far of each process of the stack (nginx's master and workers together) and of the bench itself."""
+    snapshot = {name: sum(cpu_seconds(pid) for pid in stack.pids(name)) for name in (*stack.measured, "fake_llm")}
     snapshot["bench"] = time.process_time()
     return snapshot
 
@@ -672,7 +710,7 @@ async def measure_tool_round_trip(http: aiohttp.ClientSession, stacks: Sequence[
     direct: dict[str, list[float]] = {stack.label: [] for stack in stacks}
     round_trip: dict[str, list[float]] = {stack.label: [] for stack in stacks}
     ide: dict[str, list[float]] = {stack.label: [] for stack in stacks}
-    log_offset = {stack.label: stack["agent"].log_since(0)[1] for stack in stacks}
+    log_offset = {service.log_path: service.log_since(0)[1] for stack in stacks for service in stack.replicas("agent")}
     for i in range(WARMUP_TURNS + turns):
         for stack in rotated(stacks, i):
             if i % 2:
@@ -681,8 +719,10 @@ async def measure_tool_round_trip(http: aiohttp.ClientSession, stacks: Sequence[
             else:
                 p, ide_s, call_id = await tool_turn_pipeline(http, stack)
                 d = await tool_turn_direct(http, stack.completions_url)
-            text, log_offset[stack.label] = stack["agent"].log_since(log_offset[stack.label])  # written before the second reply began
-            answered = {found: float(ms) for found, ms in TOOL_ANSWERED.findall(text)}
+            answered = {}
+            for service in stack.replicas("agent"):  # the call was the run's; the run is on one of them
+                text, log_offset[service.log_path] = service.log_since(log_offset[service.log_path])  # written before the second reply began
+                answered |= {found: float(ms) for found, ms in TOOL_ANSWERED.findall(text)}
             call_id = repr(call_id)
             if call_id not in answered:
                 raise BenchError(f"{stack.label}: the agent's log has no 'tool call {call_id} answered' line")
@@ -867,13 +907,14 @@ async def measure_level(http: aiohttp.ClientSession, stack: Stack, n: int, token
     sockets = await asyncio.gather(*(connect_one() for _ in range(n)))
     try:
         for name in stack.measured:
-            reset_peak_rss(stack.pid(name))
+            for pid in stack.pids(name):
+                reset_peak_rss(pid)
         before = cpu_snapshot(stack)
         streams = await all_streams([stream_session(ws, prompt) for ws in sockets])
         after = cpu_snapshot(stack)
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
-    rss = {name: peak_rss_mb(stack.pid(name)) for name in stack.measured}
+    rss = {name: max(peak_rss_mb(pid) for pid in stack.pids(name)) for name in stack.measured}  # nginx: its largest process
     added, firsts, errors = gap_figures(streams, tokens)
     received = sum(len("".join(text for _, text in s.tokens).split()) for s in streams)
     used = {name: after[name] - before[name] for name in after}
@@ -998,11 +1039,11 @@ def report(figures: dict[str, float], levels: Sequence[int], stack: Stack, strea
 
     measured = [n for n in levels if f"n{n}_errors" in figures]
     if measured:
-        short = "/".join({"gateway": "gw", "agent": "ag", "llm_proxy": "px", "redis": "rd"}[name] for name in stack.measured)
+        short = "/".join({"gateway": "gw", "gateway2": "gw2", "agent": "ag", "agent2": "ag2", "llm_proxy": "px", "redis": "rd", "nginx": "ngx"}[name] for name in stack.measured)
         lines += ["", f"concurrency: N sessions connected, then all streaming {stream_tokens} tokens at {PACE_MS} ms at once;",
                   f"gap+ = gap between token notifications - {PACE_MS} ms per token they carry; direct = the same N streams read from fake_llm;",
                   f"ttft = time to first token under load, {2 * PACE_MS} ms of it the fake's pacing (role chunk, first text)"]  # fmt: skip
-        head = "{:>6}{:>10}{:>15}{:>10}{:>15}{:>10}{:>25}{:>13}"
+        head = "{:>6}{:>10}{:>15}{:>10}{:>15}{:>10}{:>%d}{:>13}" % max(25, len(short) + 14)
         lines.append(head.format("N", "gap+ p50", "gap+ p99", "errors", "CPU µs/token", "ttft p99", f"peak RSS MB {short}", "direct p99"))
         for n in measured:
             def judged(name: str, fmt: str) -> str:
@@ -1020,7 +1061,7 @@ def report(figures: dict[str, float], levels: Sequence[int], stack: Stack, strea
 
 def compared_rows(levels: Sequence[int]) -> list[tuple[str, str]]:
     """(figure, label) of the rows a comparison shows; a row neither stack has is left out."""
-    processes = (*MEASURED, "redis")
+    processes = PROCESSES
     rows = [
         ("ttft_added_p50_ms", "time to first token added, p50 (ms)"),
         ("ttft_added_p99_ms", "time to first token added, p99 (ms)"),
@@ -1141,6 +1182,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TURNS} turns, {QUICK_THROUGHPUT_RUNS} throughput runs, {QUICK_RESUME_DROPS} drops, levels {','.join(map(str, QUICK_LEVELS))} of {QUICK_STREAM_TOKENS} tokens: well under a minute")
     parser.add_argument("--redis", action="store_true", help="also a stack with the agent on Redis (a redis-server of its own on a free port; needs redis-server on PATH)")
+    parser.add_argument("--scale", action="store_true", help=f"also a stack of {REPLICAS} gateways and {REPLICAS} agents on Redis behind nginx (needs redis-server and nginx); implies --redis, its yardstick")
     parser.add_argument("--baseline", type=Path, metavar="DIR", help="also a stack run from another checkout, e.g. `git worktree add /tmp/old COMMIT`; `.` for an A/A run")
     parser.add_argument("--rounds", type=int, default=1, metavar="R", help="measure every part R times, each stack in turn; figures are medians with [min, max] (default 1)")
     parser.add_argument("--only", default=",".join(PARTS), metavar="PARTS", help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
@@ -1165,6 +1207,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         missing = [f"{name}.py" for name in SERVICES if not (args.baseline / f"{name}.py").is_file()]
         if missing:
             parser.error(f"--baseline {args.baseline}: no {', '.join(missing)} there; expected a checkout of this repository")
+    args.redis = args.redis or args.scale  # the scaled stack is read against one of each on Redis
     args.turns = args.turns or (QUICK_TURNS if args.quick else TURNS)
     args.runs = args.runs or (QUICK_THROUGHPUT_RUNS if args.quick else THROUGHPUT_RUNS)
     args.drops = args.drops or (QUICK_RESUME_DROPS if args.quick else RESUME_DROPS)
@@ -1174,15 +1217,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    wanted = [*([("baseline", args.baseline, False)] if args.baseline else []), (PRIMARY, ROOT, False), *([("redis", ROOT, True)] if args.redis else [])]
+    wanted = [  # (label, checkout, agent on Redis, replicas)
+        *([("baseline", args.baseline, False, 1)] if args.baseline else []),
+        (PRIMARY, ROOT, False, 1),
+        *([("redis", ROOT, True, 1)] if args.redis else []),
+        *([("scale", ROOT, True, REPLICAS)] if args.scale else []),
+    ]
     raise_fd_limit(max(args.level_list) if "concurrency" in args.parts else 1)  # before the services start: they inherit it
     started, load_at_start = time.monotonic(), load_average()
     stacks: list[Stack] = []
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         try:
             try:
-                for label, root, redis in wanted:
-                    stacks.append(start_stack(Path(tmp), label, root, redis))
+                for label, root, redis, replicas in wanted:
+                    stacks.append(start_stack(Path(tmp), label, root, redis, replicas))
                 for stack in stacks:
                     wait_ready(stack)
             except BenchError as exc:
@@ -1190,7 +1238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             for stack in stacks:
                 progress(f"{stack.label} stack: " + ", ".join(f"{s.name} pid {s.process.pid} port {s.port}" for s in stack.services.values())
-                         + (f", redis-server pid {stack.pid('redis')} port {stack.redis.port}" if stack.redis else ""))  # fmt: skip
+                         + (f", redis-server pid {stack.pids('redis')[0]} port {stack.redis.port}" if stack.redis else "")
+                         + (f", nginx pids {stack.pids('nginx')} ws {stack.nginx.ws_url}" if stack.nginx else ""))  # fmt: skip
             try:
                 rounds = asyncio.run(run(stacks, args))
             except (BenchError, aiohttp.ClientError, OSError, TimeoutError) as exc:

@@ -67,7 +67,7 @@ def test_help_says_what_it_measures() -> None:
     """--help answers without starting anything and names the options a reader needs."""
     done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
-    for option in ("--quick", "--redis", "--baseline", "--rounds", "--only", "--levels", "--turns", "--runs", "--drops"):
+    for option in ("--quick", "--redis", "--scale", "--baseline", "--rounds", "--only", "--levels", "--turns", "--runs", "--drops"):
         assert option in done.stdout
 
 
