@@ -45,6 +45,7 @@ import os
 import re
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -276,14 +277,14 @@ class MemorySession:
     holder: str = ""  # the newest attach id: the stream (and socket) the session belongs to
     unattached_since: float = field(default_factory=time.monotonic)
     active_at: float = field(default_factory=time.monotonic)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set, and replaced, on every append
+    waiter: asyncio.Future[None] | None = None  # made by a reader that waits; the next append resolves it
 
 
 class MemoryStore:
     """Everything in this process: the default, with nothing to install. Gone on restart."""
 
     def __init__(self) -> None:
-        self.sessions: dict[str, MemorySession] = {}
+        self.sessions: OrderedDict[str, MemorySession] = OrderedDict()  # least recently opened or attached first
         self.runs: dict[str, str] = {}  # run id -> session id, while the run is in progress
 
     def _held(self, lease: Lease) -> MemorySession:
@@ -300,18 +301,20 @@ class MemoryStore:
             pos = (session.seq, last[1] + 1 if last[0] == session.seq else 1)
         session.log.append(Entry(pos, kind, data))
         session.active_at = time.monotonic()
-        changed, session.changed = session.changed, asyncio.Event()
-        changed.set()
+        if session.waiter is not None:  # nobody waiting (a busy stream): nothing to wake, nothing made
+            if not session.waiter.done():
+                session.waiter.set_result(None)
+            session.waiter = None
 
     async def open_run(self, session_id: str, run_id: str, holder: str = "") -> Lease:
         if run_id in self.runs:
             raise RunIdTaken(run_id)
         session = self.sessions.get(session_id)
         if session is None:
-            await self.sweep()
             if len(self.sessions) >= MAX_SESSIONS:
-                raise StoreUnavailable(f"{MAX_SESSIONS} sessions are in use and none is idle (AGENT_MAX_SESSIONS).")
+                self.evict_one()  # at the cap only: never a scan of every session on the first token's path
             session = self.sessions[session_id] = MemorySession()
+        self.sessions.move_to_end(session_id)
         if holder and session.holder and holder != session.holder:
             raise Superseded(session_id)
         if session.run_id is not None:
@@ -397,6 +400,7 @@ class MemoryStore:
         self._add(session, ATTACH, dumps({"attach_id": attach_id}))
         session.readers.add(attach_id)
         session.holder = attach_id
+        self.sessions.move_to_end(session_id)
         pending = list(session.pending.values()) if session.run_id else []
         return Attachment(session_id, attach_id, (last_seq, 0), session.run_id, session.seq, pending)
 
@@ -406,9 +410,16 @@ class MemoryStore:
             raise UnknownSession(session_id)
         index = bisect.bisect_right(session.log, after, key=lambda entry: entry.pos)
         if index == len(session.log) and timeout_s > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout_s):
-                    await session.changed.wait()
+            # a bare timer, not asyncio.timeout(): this wait happens once per token (BENCHMARKS.md, 2026-11-29)
+            loop = asyncio.get_running_loop()
+            if session.waiter is None or session.waiter.done():  # a timer may have resolved the last one
+                session.waiter = loop.create_future()
+            waiter = session.waiter
+            timer = loop.call_later(timeout_s, lambda: waiter.done() or waiter.set_result(None))
+            try:
+                await asyncio.shield(waiter)  # shared by every reader of the session: one cancelled must not cancel it
+            finally:
+                timer.cancel()
             index = bisect.bisect_right(session.log, after, key=lambda entry: entry.pos)
         return session.log[index:]
 
@@ -434,14 +445,19 @@ class MemoryStore:
     async def declare_lost(self, session_id: str, run_id: str) -> None:
         pass  # never: see owner_alive
 
-    async def sweep(self) -> None:
-        """Forget sessions idle past SESSION_TTL_S; over MAX_SESSIONS, the least recently used idle ones."""
-        now = time.monotonic()
-        idle = sorted((s.active_at, sid) for sid, s in self.sessions.items() if s.run_id is None and not s.readers)
-        over = len(self.sessions) - MAX_SESSIONS + 1
-        for rank, (active_at, sid) in enumerate(idle):
-            if rank < over or now - active_at > SESSION_TTL_S:
+    def evict_one(self) -> None:
+        """At MAX_SESSIONS: forget the least recently used idle session (no run, no stream), or refuse."""
+        for sid, session in self.sessions.items():  # oldest first
+            if session.run_id is None and not session.readers:
                 del self.sessions[sid]
+                return
+        raise StoreUnavailable(f"{MAX_SESSIONS} sessions are in use and none is idle (AGENT_MAX_SESSIONS).")
+
+    async def sweep(self) -> None:
+        """Forget sessions idle past SESSION_TTL_S (the sweeper task's call, never a request's)."""
+        now = time.monotonic()
+        for sid in [sid for sid, s in self.sessions.items() if s.run_id is None and not s.readers and now - s.active_at > SESSION_TTL_S]:
+            del self.sessions[sid]
 
     async def healthy(self) -> bool:
         return True
